@@ -1,0 +1,473 @@
+"""Typed configs: dataclasses loaded from YAML/JSON, validated before any tensor exists.
+
+A config file has three sections, ``model``, ``train`` and ``hub`` (see DESIGN §3). Blocks are
+chosen by name from the registry: ``mixer: {type: attention, n_heads: 8}`` becomes a
+:class:`BlockSpec` whose ``options`` is the registered block's own config dataclass.
+
+Every problem raises :class:`ConfigError` naming the dotted key, the bad value and what is allowed.
+Dotted overrides (``model.n_layers=2``, ``train.optimizer.lr=1e-3``) apply to the raw mapping before
+typing, so they are validated exactly like the file itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+from zoo import registry
+
+
+class ConfigError(ValueError):
+    """A config key, value or combination that cannot be built; the message names the key."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class BlockSpec:
+    """A registered block of some kind, chosen by ``type``, with its options dataclass."""
+
+    type: str
+    options: Any
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **_to_plain(self.options)}
+
+
+def _block(kind: str, type_: str) -> Any:
+    """A dataclass field holding a BlockSpec of ``kind`` whose default is the block ``type_``."""
+
+    def default() -> BlockSpec:
+        return BlockSpec(type_, registry.lookup(kind, type_).config())
+
+    return field(default_factory=default, metadata={"kind": kind})
+
+
+@dataclass
+class LayerOverride:
+    """Blocks of one layer that differ from the model's defaults (``model.layers: {i: {...}}``)."""
+
+    mixer: BlockSpec | None = field(default=None, metadata={"kind": "mixer"})
+    ffn: BlockSpec | None = field(default=None, metadata={"kind": "ffn"})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | None = None  # None: taken from the tokenizer (256 + specials for bytes)
+    d_model: int = 256
+    n_layers: int = 4
+    max_seq_len: int = 512
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    norm: BlockSpec = _block("norm", "rmsnorm")
+    mixer: BlockSpec = _block("mixer", "attention")
+    ffn: BlockSpec = _block("ffn", "mlp")
+    layers: dict[int, LayerOverride] = field(default_factory=dict)
+
+    def layer_blocks(self, index: int) -> tuple[BlockSpec, BlockSpec]:
+        """The (mixer, ffn) specs of layer ``index``, per-layer overrides applied."""
+        override = self.layers.get(index, LayerOverride())
+        return override.mixer or self.mixer, override.ffn or self.ffn
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "python-stdlib"  # embedded corpus name, a text file, a folder or a glob
+    tokenizer: str = "bytes"  # bytes | bpe | path to a tokenizer.json
+    seq_len: int = 256
+    bpe_vocab_size: int = 4096
+    val_fraction: float = 0.02
+    num_workers: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3.0e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """Passed through to ``lightning.Trainer``."""
+
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    batch_size: int = 16
+    max_steps: int = 2000
+    val_check_interval: int = 200
+    val_batches: int = 20
+    checkpoint_every: int = 200
+    out_dir: str | None = None
+    resume: bool | str = False
+    skip_nonfinite: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: str = "bf16-mixed"
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class HubConfig:
+    repo_id: str | None = None
+    push: bool = False
+
+
+@dataclass
+class ZooConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    name: str | None = None  # the preset this config came from, if any
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ZooConfig":
+        config = _typed(cls, _complete_layer_overrides(_deep_copy(data)), "")
+        validate(config)
+        return config
+
+    @classmethod
+    def from_json(cls, text: str) -> "ZooConfig":
+        return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def presets_dir() -> Path:
+    """Where the preset YAMLs live: beside the package in a checkout, inside it once installed."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "zoo_configs", package.parent / "zoo_configs"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("zoo_configs/ was not found beside or inside the zoo package")
+
+
+def list_presets(pattern: str = "*") -> list[str]:
+    """Sorted preset names (YAML stems in ``zoo_configs/``) matching a glob pattern."""
+    import fnmatch
+
+    names = sorted(p.stem for p in presets_dir().glob("*.yaml"))
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def load_config(name_or_path: str | Path | Mapping | ZooConfig,
+                overrides: Sequence[str] | Mapping[str, Any] | None = None) -> ZooConfig:
+    """A validated :class:`ZooConfig` from a preset name, a YAML/JSON path or a mapping.
+
+    ``overrides`` is a list of ``"dotted.key=value"`` strings (values parsed as YAML scalars, as on
+    ``train.py``'s command line) or a mapping ``{"dotted.key": value}``.
+    """
+    raw, name = _read_raw(name_or_path)
+    apply_overrides(raw, overrides)
+    if name is not None and raw.get("name") is None:
+        raw["name"] = name
+    return ZooConfig.from_dict(raw)
+
+
+def _read_raw(source) -> tuple[dict, str | None]:
+    if isinstance(source, ZooConfig):
+        return source.to_dict(), source.name
+    if isinstance(source, Mapping):
+        return _deep_copy(source), None
+    path = Path(source)
+    if not path.exists() and path.suffix == "":
+        path = presets_dir() / f"{source}.yaml"
+        if not path.exists():
+            close = difflib.get_close_matches(str(source), list_presets(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown preset {str(source)!r}{hint} Presets: {', '.join(list_presets())}")
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections model/train/hub, got {type(raw).__name__}")
+    return raw, path.stem
+
+
+def parse_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    """``["a.b=1", ...]`` or ``{"a.b": 1}`` as ``[("a.b", 1), ...]``; string values parse as YAML scalars."""
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return list(overrides.items())
+    items = []
+    for item in overrides:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        items.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
+    return items
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] | None) -> dict:
+    """Set dotted keys in a raw config mapping in place (``model.layers.0.ffn.type=mlp``)."""
+    for key, value in parse_overrides(overrides):
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            part = _existing_key(node, part)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        last = _existing_key(node, parts[-1])
+        if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+            node[last] = {**node[last], **value}
+        else:
+            node[last] = value
+    return raw
+
+
+def _complete_layer_overrides(raw: dict) -> dict:
+    """Merge each partial per-layer block over the model's default block of the same type.
+
+    ``layers: {0: {ffn: {d_hidden: 1024}}}`` keeps the default FFN's type and other options; an
+    override naming another ``type`` starts from that block's own defaults instead.
+    """
+    model = raw.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("layers"), dict):
+        return raw
+    defaults = {"mixer": "attention", "ffn": "mlp"}
+    for override in model["layers"].values():
+        if not isinstance(override, dict):
+            continue
+        for part, default_type in defaults.items():
+            base = model.get(part, {"type": default_type})
+            base = {"type": base} if isinstance(base, str) else base
+            spec = override.get(part)
+            spec = {"type": spec} if isinstance(spec, str) else spec
+            if isinstance(spec, dict) and isinstance(base, dict) and spec.get("type", base.get("type")) == base.get("type"):
+                override[part] = {**base, **spec}
+    return raw
+
+
+def _existing_key(node: dict, part: str):
+    # "layers.0" must reach the YAML int key 0.
+    if part.isdigit() and int(part) in node:
+        return int(part)
+    return part
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _typed(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a raw mapping, checking every key and value."""
+    where = path or "config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown key {_join(path, key)!r}{hint} Valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], _join(path, name), f.metadata.get("kind"))
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str, kind: str | None = None) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, path, kind)
+            except ConfigError as err:
+                errors.append(err)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{path}: {value!r} is not one of the allowed types "
+                          f"({' | '.join(_type_name(a) for a in args)})")
+    if tp is BlockSpec:
+        return _block_spec(kind, value, path)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _typed(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        coerced = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(coerced) if origin is tuple else coerced
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = args
+        out = {}
+        for k, v in value.items():
+            if key_type is int and isinstance(k, str) and k.lstrip("-").isdigit():
+                k = int(k)  # JSON object keys are strings
+            out[_coerce(key_type, k, f"{path} key")] = _coerce(value_type, v, _join(path, k))
+        return out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: the config schema uses an unsupported type {tp!r}")
+
+
+def _block_spec(kind: str, value: Any, path: str) -> BlockSpec:
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, Mapping) or "type" not in value:
+        raise ConfigError(f"{path}: expected a mapping with a 'type' key naming a {kind} block "
+                          f"({', '.join(registry.available(kind))}), got {value!r}")
+    name = value["type"]
+    entry = registry.lookup(kind, name)
+    if entry is None:
+        names = registry.available(kind)
+        close = difflib.get_close_matches(str(name), names, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"{path}.type: unknown {kind} block {name!r}{hint}; "
+                          f"registered {kind} blocks: {', '.join(names)}")
+    options = _typed(entry.config, {k: v for k, v in value.items() if k != "type"}, path)
+    return BlockSpec(name, options)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def require_positive(config: Any, *names: str) -> None:
+    """Raise ConfigError naming each of ``names`` (fields of ``config``) that is set and not > 0."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def validate(config: ZooConfig) -> None:
+    """Cross-key checks that typing alone cannot make; errors name the conflicting keys."""
+    model = config.model
+    _prefixed("model", require_positive, model, "vocab_size", "d_model", "n_layers", "max_seq_len", "init_std")
+    for index in model.layers:
+        if not 0 <= index < model.n_layers:
+            raise ConfigError(f"model.layers.{index}: layer index out of range for model.n_layers={model.n_layers}")
+    specs = [("model.norm", model.norm), ("model.mixer", model.mixer), ("model.ffn", model.ffn)]
+    for index, override in sorted(model.layers.items()):
+        specs += [(f"model.layers.{index}.{part}", getattr(override, part)) for part in ("mixer", "ffn")]
+    for path, spec in specs:
+        check = getattr(spec.options, "validate", None) if spec is not None else None
+        if check is not None:
+            _prefixed(path, check, model)
+    train = config.train
+    _prefixed("train", require_positive, train, "batch_size", "max_steps", "val_check_interval",
+              "checkpoint_every", "val_batches")
+    _prefixed("train.data", require_positive, train.data, "seq_len", "bpe_vocab_size")
+    if not 0.0 < train.data.val_fraction < 1.0:
+        raise ConfigError(f"train.data.val_fraction must be in (0, 1), got {train.data.val_fraction}")
+    _prefixed("train.optimizer", require_positive, train.optimizer, "lr")
+    if not 0.0 <= train.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.schedule.min_lr_ratio must be in [0, 1], got {train.schedule.min_lr_ratio}")
+    _prefixed("train.trainer", require_positive, train.trainer, "accumulate_grad_batches", "num_nodes")
+
+
+def _prefixed(path: str, check, *args) -> None:
+    try:
+        check(*args)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, BlockSpec):
+        return obj.to_dict()
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deep_copy(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_deep_copy(v) for v in obj]
+    return obj
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp)

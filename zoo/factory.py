@@ -1,0 +1,36 @@
+"""Building models by preset name, path or config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from zoo.config import ZooConfig, list_presets, load_config, parse_overrides
+from zoo.model import ZooModel
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted preset names (stems of ``zoo_configs/*.yaml``) matching a glob ``pattern``."""
+    return list_presets(pattern)
+
+
+def build_model(config: ZooConfig) -> ZooModel:
+    """An initialised :class:`ZooModel` for a validated config (see :func:`zoo.load_config`)."""
+    return ZooModel(config)
+
+
+def create_model(name_or_path: str | Path | ZooConfig, pretrained: bool = False,
+                 overrides: Sequence[str] | Mapping[str, Any] | None = None, **model_fields) -> ZooModel:
+    """A model from a preset name or config path, with dotted ``overrides`` and ``model.*`` keywords.
+
+    ``create_model("switch-tiny", n_layers=2)`` sets ``model.n_layers``; a dict keyword merges into
+    the section (``mixer={"n_heads": 4}``). ``pretrained=True`` loads the preset's Hub weights.
+    """
+    merged = dict(parse_overrides(overrides))
+    merged.update({f"model.{key}": value for key, value in model_fields.items()})
+    config = load_config(name_or_path, merged)
+    if pretrained:
+        from zoo.hub import load_pretrained_for
+
+        return load_pretrained_for(config)
+    return build_model(config)

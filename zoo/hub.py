@@ -1,0 +1,77 @@
+"""Checkpoints: ``config.json`` + safetensors weights in a directory, written atomically.
+
+Loading never unpickles: weights are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from huggingface_hub import load_torch_model, save_torch_state_dict
+
+from zoo.config import ZooConfig
+
+
+def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB") -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_size``)
+    to ``path``. Everything is written under a temporary name first, so a crash never leaves a
+    half-written checkpoint at ``path``; an existing checkpoint there is replaced only at the end."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        (staging / "config.json").write_text(model.config.to_json())
+        save_torch_state_dict(_untied_state_dict(model), staging, max_shard_size=max_shard_size)
+        _replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = None):
+    """A :class:`zoo.ZooModel` from a local checkpoint directory written by ``save_pretrained``."""
+    from zoo.factory import build_model
+
+    path = Path(path_or_repo_id)
+    if not path.is_dir():
+        raise NotImplementedError(f"{path_or_repo_id!r} is not a local checkpoint directory; "
+                                  "downloads from the Hugging Face Hub are not implemented yet")
+    config = ZooConfig.from_json((path / "config.json").read_text())
+    model = build_model(config)
+    result = load_torch_model(model, path, strict=False)
+    missing = [k for k in result.missing_keys if k not in _tied_keys(model)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {str(path)!r} does not fit its config: missing tensors {missing}, "
+                         f"unexpected tensors {result.unexpected_keys}")
+    return model
+
+
+def load_pretrained_for(config: ZooConfig):
+    """The preset's pretrained weights from its ``hub.repo_id``."""
+    if config.hub.repo_id is None:
+        raise ValueError(f"preset {config.name!r} has no hub.repo_id, so it has no pretrained weights")
+    return from_pretrained(config.hub.repo_id)
+
+
+def _tied_keys(model) -> set[str]:
+    return {"head.weight"} if model.config.model.tie_embeddings else set()
+
+
+def _untied_state_dict(model) -> dict:
+    """The state dict with each tied weight stored once (under its embedding's name)."""
+    return {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
+
+
+def _replace_dir(staging: Path, path: Path) -> None:
+    if path.exists():
+        retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, retired)
+        os.replace(staging, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, path)

@@ -1,0 +1,142 @@
+"""ZooModel: the one decoder skeleton every preset builds.
+
+``embed -> n_layers x Block(norm, mixer, norm, ffn) -> norm -> head`` with pre-norm residual blocks
+(GPT-2, Radford et al. 2019 §2.3). Mixer and FFN of each layer come from the registry by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import registry
+from zoo.aux import AuxCollector
+from zoo.config import ConfigError, ZooConfig
+from zoo.registry import BlockContext
+
+
+@dataclass
+class ZooOutput:
+    """What ``ZooModel.forward`` returns; losses are None where they do not apply."""
+
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss (+ mtp_loss)
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    router_stats: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: (n_experts,) counts
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # aux_loss by name, summed over layers
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # block diagnostics, mean over layers
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, config: ZooConfig, ctx: BlockContext):
+        super().__init__()
+        model = config.model
+        mixer, ffn = model.layer_blocks(ctx.layer_idx)
+        self.mixer_norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
+        self.mixer = registry.build("mixer", mixer.type, mixer.options, ctx)
+        self.ffn_norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
+        self.ffn = registry.build("ffn", ffn.type, ffn.options, ctx)
+
+    def forward(self, x: torch.Tensor, aux: AuxCollector, state=None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), state)
+        return x + self.ffn(self.ffn_norm(x), aux)
+
+
+class ZooModel(nn.Module):
+    """A decoder-only language model assembled from a :class:`ZooConfig`.
+
+    ``forward(input_ids (B, T), labels (B, T) | None) -> ZooOutput``. Labels are aligned with the
+    inputs (the model shifts them: position t is scored on ``labels[t + 1]``); ``-100`` is ignored.
+    """
+
+    def __init__(self, config: ZooConfig):
+        super().__init__()
+        model = config.model
+        if model.vocab_size is None:
+            raise ConfigError("model.vocab_size is unset: set it, or let train.py take it from the tokenizer")
+        self.config = config
+        self.embed = nn.Embedding(model.vocab_size, model.d_model)
+        self.blocks = nn.ModuleList(
+            Block(config, BlockContext(model.d_model, model.n_layers, i, model.max_seq_len, model.init_std))
+            for i in range(model.n_layers))
+        ctx = BlockContext(model.d_model, model.n_layers, model.n_layers, model.max_seq_len, model.init_std)
+        self.norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
+        self.head = nn.Linear(model.d_model, model.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=model.init_std)
+        if model.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=model.init_std)
+
+    def hidden_states(self, input_ids: torch.Tensor, aux: AuxCollector, states=None) -> torch.Tensor:
+        """The final-norm input ``(B, T, d_model)``; ``states`` is a list of per-layer decoding states."""
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, aux, states[i] if states is not None else None)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, states=None) -> ZooOutput:
+        aux = AuxCollector()
+        h = self.hidden_states(input_ids, aux, states)
+        logits = self.head(self.norm(h))
+        out = ZooOutput(logits=logits, router_stats=aux.router_stats, aux_losses=aux.losses,
+                        metrics={k: torch.stack(v).mean() for k, v in aux.metrics.items()})
+        if labels is not None:
+            out.lm_loss = lm_loss(logits, labels)
+            out.aux_loss = aux.total_loss()
+            out.loss = out.lm_loss if out.aux_loss is None else out.lm_loss + out.aux_loss
+        return out
+
+    def init_states(self, batch_size: int, max_len: int) -> list:
+        """Fresh per-layer decoding states (KV caches, recurrent states) for ``max_len`` positions."""
+        param = self.embed.weight
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else param.dtype
+        if param.is_cuda and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        return [block.mixer.init_state(batch_size, max_len, param.device, dtype) for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``input_ids (B, T)`` by up to ``max_new_tokens``; see :func:`zoo.generation.generate`."""
+        from zoo.generation import generate
+
+        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+
+    def save_pretrained(self, path, **kwargs):
+        """Write a checkpoint directory (``config.json`` + safetensors); see :func:`zoo.hub.save_pretrained`."""
+        from zoo.hub import save_pretrained
+
+        return save_pretrained(self, path, **kwargs)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Total parameters (tied weights once); ``active=True`` counts what one token uses, i.e.
+        routed experts only for the experts a token is sent to (blocks define ``num_active_parameters``)."""
+        if not active:
+            return sum(p.numel() for p in self.parameters())
+        return _active_parameters(self, set())
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in float32: position t predicts ``labels[:, t + 1]``."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def _active_parameters(module: nn.Module, seen: set) -> int:
+    if hasattr(module, "num_active_parameters"):
+        seen.update(id(p) for p in module.parameters())
+        return module.num_active_parameters()
+    total = 0
+    for p in module.parameters(recurse=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total + sum(_active_parameters(child, seen) for child in module.children())
