@@ -8,6 +8,11 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.aux.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.
+
+Any module may also define ``on_optimizer_step(all_reduce)``: the trainer calls it once after each
+optimizer step (so after a whole accumulated batch), with ``all_reduce(tensor) -> tensor`` summing a
+tensor over data-parallel ranks (the identity on one process). Blocks update non-gradient state there,
+e.g. the loss-free balancing bias of a MoE layer from the expert loads it counted since the last step.
 """
 
 from zoo.blocks import attention, mlp, norm  # noqa: F401
