@@ -15,9 +15,10 @@ from huggingface_hub import load_torch_model, save_torch_state_dict
 from zoo.config import ZooConfig
 
 
-def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB") -> Path:
+def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB",
+                    extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_size``)
-    to ``path``. Everything is written under a temporary name first, so a crash never leaves a
+    to ``path``, plus ``extra_files`` (name -> content, e.g. ``tokenizer.json``). Everything is written under a temporary name first, so a crash never leaves a
     half-written checkpoint at ``path``; an existing checkpoint there is replaced only at the end."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +27,9 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
     try:
         (staging / "config.json").write_text(model.config.to_json())
         save_torch_state_dict(_untied_state_dict(model), staging, max_shard_size=max_shard_size)
+        for name, content in (extra_files or {}).items():
+            target = staging / name
+            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
         _replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
