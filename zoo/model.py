@@ -126,8 +126,10 @@ class ZooModel(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in float32: position t predicts ``labels[:, t + 1]``."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Next-token cross-entropy in at least float32: position t predicts ``labels[:, t + 1]``."""
+    logits = logits[:, :-1].flatten(0, 1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def _active_parameters(module: nn.Module, seen: set) -> int:

@@ -1,6 +1,6 @@
 """RMSNorm (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization", Eq. 4).
 
-``y = x / sqrt(mean(x^2) + eps) * g``, computed in float32 whatever the input dtype.
+``y = x / sqrt(mean(x^2) + eps) * g``, computed in at least float32 whatever the input dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        y = F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps)
         return y.to(x.dtype)
 
 

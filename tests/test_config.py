@@ -1,0 +1,115 @@
+"""Configs: exact round trips, overrides, per-layer blocks, clear errors, user-registered blocks."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import zoo
+from zoo import registry
+from zoo.config import ZooConfig
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_yaml_dataclass_json_round_trip_is_identity(name):
+    config = zoo.load_config(name)
+    assert ZooConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+    assert ZooConfig.from_json(config.to_json()) == config
+    assert ZooConfig.from_json(ZooConfig.from_json(config.to_json()).to_json()).to_json() == config.to_json()
+
+
+def test_round_trip_keeps_per_layer_overrides(tmp_path):
+    config = zoo.load_config("dense-tiny", ["model.layers.1.ffn.d_hidden=128", "model.layers.0.mixer.n_kv_heads=1"])
+    assert config.model.layer_blocks(1)[1].options.d_hidden == 128
+    assert config.model.layer_blocks(0)[0].options.n_kv_heads == 1
+    assert config.model.layer_blocks(0)[0].options.n_heads == 8  # merged over the model's default mixer
+    path = tmp_path / "c.json"
+    path.write_text(config.to_json())
+    assert zoo.load_config(path) == config
+
+
+def test_overrides_from_strings_dicts_and_keywords():
+    config = zoo.load_config("dense-tiny", ["model.n_layers=2", "train.optimizer.lr=1e-4", "hub.repo_id=org/x"])
+    assert (config.model.n_layers, config.train.optimizer.lr, config.hub.repo_id) == (2, 1e-4, "org/x")
+    assert zoo.load_config("dense-tiny", {"model.d_model": 128}).model.d_model == 128
+    model = zoo.create_model("dense-tiny", n_layers=1, mixer={"n_heads": 4})
+    assert len(model.blocks) == 1 and model.blocks[0].mixer.n_heads == 4 and model.blocks[0].mixer.n_kv_heads == 4
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {norm: {type: rmsnorm, eps: 1e-5}}\ntrain: {optimizer: {lr: 3e-4}}\n")
+    config = zoo.load_config(path)
+    assert config.model.norm.options.eps == 1e-5 and config.train.optimizer.lr == 3e-4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_modle=64"], r"unknown key 'model.d_modle'; did you mean d_model\?"),
+    (["train.optimizer.learning_rate=1"], r"unknown key 'train.optimizer.learning_rate'.*Valid keys: lr"),
+    (["model.mixer.type=atention"], r"model.mixer.type: unknown mixer block 'atention' \(did you mean attention\?\); "
+                                    r"registered mixer blocks: attention"),
+    (["model.ffn.type=nope"], r"unknown ffn block 'nope'.*registered ffn blocks: .*mlp"),
+    (["model.mixer.n_heads=3"], r"model.mixer: n_heads=3 does not divide model.d_model=256"),
+    (["model.mixer.n_kv_heads=3"], r"model.mixer: n_kv_heads=3 does not divide n_heads=8"),
+    (["model.n_layers=0"], r"model: n_layers must be positive, got 0"),
+    (["model.ffn.d_hidden=-4"], r"model.ffn: d_hidden must be positive, got -4"),
+    (["model.d_model=abc"], r"model.d_model: expected an integer, got 'abc'"),
+    (["model.tie_embeddings=3"], r"model.tie_embeddings: expected true or false, got 3"),
+    (["model.mixer.backend=flash"], r"model.mixer.backend: 'flash' is not allowed; choose one of auto, sdpa, eager, xformers"),
+    (["model.layers.9.ffn.d_hidden=8"], r"model.layers.9: layer index out of range for model.n_layers=4"),
+    (["model.layers.1.mixer.n_heads=5"], r"model.layers.1.mixer: n_heads=5 does not divide model.d_model=256"),
+    (["model.n_layers"], r"not of the form dotted.key=value"),
+])
+def test_bad_inputs_name_the_key(overrides, message):
+    with pytest.raises(zoo.ConfigError, match=message):
+        zoo.load_config("dense-tiny", overrides)
+
+
+def test_config_error_is_a_value_error_and_unknown_preset_suggests():
+    assert issubclass(zoo.ConfigError, ValueError)
+    with pytest.raises(zoo.ConfigError, match="unknown preset 'dense-tinny'; did you mean dense-tiny"):
+        zoo.load_config("dense-tinny")
+
+
+def test_custom_ffn_registered_in_test_builds_from_yaml(tmp_path):
+    @dataclass
+    class ScaledReluConfig:
+        d_hidden: int = 32
+        scale: float = 1.0
+
+    @zoo.register("ffn", "scaled_relu", config=ScaledReluConfig)
+    class ScaledRelu(nn.Module):
+        def __init__(self, config: ScaledReluConfig, ctx: zoo.BlockContext):
+            super().__init__()
+            self.scale = config.scale
+            self.up, self.down = nn.Linear(ctx.d_model, config.d_hidden), nn.Linear(config.d_hidden, ctx.d_model)
+
+        def forward(self, x, aux):
+            return self.scale * self.down(torch.relu(self.up(x)))
+
+    try:
+        assert "scaled_relu" in zoo.available_blocks("ffn")
+        path = tmp_path / "custom.yaml"
+        path.write_text(
+            "model:\n  vocab_size: 50\n  d_model: 32\n  n_layers: 2\n"
+            "  mixer: {type: attention, n_heads: 4}\n  ffn: {type: scaled_relu, d_hidden: 48, scale: 0.5}\n"
+            "  layers: {1: {ffn: {type: mlp, d_hidden: 64}}}\n")
+        model = zoo.create_model(path)
+        assert isinstance(model.blocks[0].ffn, ScaledRelu) and model.blocks[0].ffn.up.out_features == 48
+        assert model.blocks[0].ffn.scale == 0.5 and type(model.blocks[1].ffn).__name__ == "MLP"
+        ids = torch.randint(0, 50, (1, 8))
+        assert model(ids, labels=ids).loss.isfinite()
+        with pytest.raises(zoo.ConfigError, match=r"unknown key 'model.ffn.scal'; did you mean scale"):
+            zoo.load_config(path, ["model.ffn.scal=2"])
+    finally:
+        registry.unregister("ffn", "scaled_relu")
+    with pytest.raises(zoo.ConfigError, match="unknown ffn block 'scaled_relu'"):
+        zoo.load_config(path)
+
+
+def test_unset_vocab_size_fails_at_build_with_a_clear_message():
+    config = zoo.load_config("dense-tiny", {"model.vocab_size": None})
+    with pytest.raises(zoo.ConfigError, match="model.vocab_size is unset"):
+        zoo.build_model(config)
