@@ -1,0 +1,102 @@
+"""Training-step throughput of zoo's dense decoder vs transformers' LlamaForCausalLM, same shapes.
+
+Forward + backward + AdamW step in bf16 autocast on CPU; tokens/s as medians of alternating repeats,
+and each model's fraction of the machine's measured bf16 matmul peak, counting
+``6 N tokens`` (N: parameters in matmuls, the LM head included) plus attention ``12 L d T`` per token
+(PaLM, Chowdhery et al. 2022, App. B). Run from the repository root: ``python -m benchmarks.bench_train_step [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import zoo
+from benchmarks._common import alternate, matmul_peak_flops, print_table, save, summary
+
+SHAPES = {
+    "dense-tiny": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_hidden=704, batch=16, seq=256),
+    "d512-l8": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_hidden=1408, batch=8, seq=256),
+}
+VOCAB = 257
+
+
+def zoo_model(s):
+    return zoo.create_model("dense-tiny", d_model=s["d_model"], n_layers=s["n_layers"], vocab_size=VOCAB,
+                            max_seq_len=s["seq"], mixer={"n_heads": s["n_heads"], "n_kv_heads": s["n_kv_heads"]},
+                            ffn={"type": "mlp", "d_hidden": s["d_hidden"]})
+
+
+def hf_model(s):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=s["d_model"], intermediate_size=s["d_hidden"],
+                         num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
+                         num_key_value_heads=s["n_kv_heads"], max_position_embeddings=s["seq"],
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def stepper(model, s, steps: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocator, autocast caches, optimizer state
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * ids.numel() / (time.perf_counter() - start)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats of 1 step")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    shapes = {"dense-tiny": SHAPES["dense-tiny"]} if args.quick else SHAPES
+    repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
+    peak = matmul_peak_flops()
+    results, rows = {}, []
+    for name, s in shapes.items():
+        torch.manual_seed(0)
+        models = {"zoo": zoo_model(s), "transformers": hf_model(s)}
+        timings = alternate({k: stepper(m, s, steps) for k, m in models.items()}, repeats)
+        entry = {"shape": s, "tokens_per_sec": {}, "mfu": {}}
+        for impl, model in models.items():
+            flops_per_token = 6 * matmul_params(model) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
+            tps = summary(timings[impl])
+            entry["tokens_per_sec"][impl] = tps
+            entry["mfu"][impl] = tps["median"] * flops_per_token / peak
+            entry["params"] = model.num_parameters() if impl == "zoo" else entry.get("params")
+        entry["speedup_vs_transformers"] = (entry["tokens_per_sec"]["zoo"]["median"]
+                                            / entry["tokens_per_sec"]["transformers"]["median"])
+        results[name] = entry
+        rows.append([name, entry["tokens_per_sec"]["zoo"]["median"], entry["tokens_per_sec"]["transformers"]["median"],
+                     entry["speedup_vs_transformers"], entry["mfu"]["zoo"], entry["mfu"]["transformers"]])
+    print(f"bf16 matmul peak: {peak / 1e9:,.0f} GFLOP/s")
+    print_table(["shape", "zoo tok/s", "hf tok/s", "zoo/hf", "zoo frac. of peak", "hf frac. of peak"], rows)
+    path = save("train_step", {"bf16_matmul_peak_flops": peak, "repeats": repeats, "steps_per_repeat": steps,
+                               "quick": args.quick, "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
