@@ -211,7 +211,7 @@ def _read_raw(source) -> tuple[dict, str | None]:
     if isinstance(source, Mapping):
         return _deep_copy(source), None
     path = Path(source)
-    if not path.exists() and path.suffix == "":
+    if not path.exists() and path.suffix not in (".yaml", ".yml", ".json"):  # a preset name ("retnet-1.3b")
         path = presets_dir() / f"{source}.yaml"
         if not path.exists():
             close = difflib.get_close_matches(str(source), list_presets(), n=3)
@@ -255,8 +255,12 @@ def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] | No
                 node[part] = {}
             node = node[part]
         last = _existing_key(node, parts[-1])
-        if isinstance(value, Mapping) and isinstance(node.get(last), dict):
-            node[last] = {**node[last], **value}
+        current = node.get(last)
+        # A mapping merges over the block it overrides, unless it names another type (which starts
+        # from that block's defaults, as per-layer overrides do).
+        if (isinstance(value, Mapping) and isinstance(current, dict)
+                and value.get("type", current.get("type")) == current.get("type")):
+            node[last] = {**current, **value}
         else:
             node[last] = value
     return raw
