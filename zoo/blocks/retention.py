@@ -4,17 +4,18 @@ Per head ``h``: ``Q = (X W_Q) ⊙ Θ``, ``K = (X W_K) ⊙ Θ̄`` (Eq. 3: rotary 
 xPos-style rotation, here :class:`zoo.blocks.rope.RotaryEmbedding`), ``V = X W_V`` with a value width
 ``value_factor * d_model`` (2 in the paper), and ``retention(X) = (Q K^T ⊙ D) V`` with
 ``D[n, m] = gamma_h^(n - m)`` (Eq. 5). Heads decay at different rates (Eq. 8): ``gamma_h = 1 - 2^(-5-h)``
-(``decay: power2``) or, as in the paper's released LM code, ``1 - exp(linspace(log 1/32, log 1/512, H))``
-(``decay: loglinear``). Outputs are normalised per head (GroupNorm as in Eq. 8, or RMSNorm), gated by
+(``decay: power2``) or the paper's LM variant (as in its released code)
+``1 - exp(linspace(log 1/32, log 1/512, H))`` (``decay: loglinear``). Outputs are normalised per head (GroupNorm as in Eq. 8, or RMSNorm), gated by
 ``swish(X W_G)`` and projected back: ``MSR(X) = (swish(X W_G) ⊙ Y) W_O`` (Eq. 8).
 
 The three forms of :mod:`zoo.blocks.retention_ops` compute the same function, so ``mode`` is a speed
 choice: ``parallel`` (Eq. 5, O(T^2) memory), ``chunkwise`` (Eq. 7, O(T * chunk_size)), and ``auto``
 (parallel up to ``AUTO_PARALLEL_MAX_LEN`` tokens, chunkwise beyond; measured with
 ``python -m benchmarks.bench_retention``: see the constant). Keys are scaled by ``1/sqrt(Dk)``; the
-paper's score normalisations (§2.2, "Normalization") are omitted: they rescale each head's output
-uniformly, which the per-head norm undoes up to its eps, and leaving them out lets every form feed the
-norm the identical values (so eps cannot break parallel/recurrent parity).
+paper's further normalisations of D and of the retention scores (§2.2) are omitted: each rescales a
+head's output at each position by a positive factor, which the per-head, per-position norm undoes up to
+its eps, and leaving them out lets every form feed the norm identical values (so eps cannot break
+parallel/recurrent parity, the pitfall DESIGN §8 records).
 
 Decoding (``forward(x, state)``): ``T == 1`` uses the recurrent form (Eq. 6), ``T > 1`` (prefill,
 speculative verification) the chunkwise form started from the state. The state holds one float32
