@@ -317,8 +317,8 @@ class RunControl(Callback):
 
     def save(self, trainer) -> None:
         """Write ``last.ckpt`` under a temporary name, then rename it; refuse non-finite weights."""
-        finite = torch.tensor(float(all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())))
-        if not trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
+        finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise FloatingPointError(f"non-finite weights at step {trainer.global_step}; "
                                      f"{self.last_checkpoint} keeps the last good state")
         tmp = self.checkpoint_dir / f".last.ckpt.tmp-{os.getpid()}"
