@@ -232,15 +232,14 @@ def load_model(config: ZooConfig, state_dict: dict[str, torch.Tensor], source: s
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     with torch.device("meta"):
-        model = build_model(config)
+        model = build_model(config)  # no initialisation: every tensor comes from the checkpoint
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        model = build_model(config)  # a block keeps derived buffers that the checkpoint does not hold
     check_state_dict(model, state_dict, source)
     model.load_state_dict(state_dict, strict=False, assign=True)
     if config.model.tie_embeddings:
         model.head.weight = model.embed.weight
-    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        # A block keeps a non-persistent buffer: build it for real and copy the weights in.
-        model = build_model(config).to(next(iter(state_dict.values())).dtype)
-        model.load_state_dict(state_dict, strict=False)
     return model
 
 
