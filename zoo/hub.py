@@ -115,12 +115,19 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
                 max_shard_size: str | int = "5GB", **save_kwargs):
     """Save ``model`` to a temporary directory and commit it to the Hub repo ``repo_id`` (created if
     missing). ``token`` defaults to ``HF_TOKEN`` / the saved login. Returns the ``CommitInfo``."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(model, Path(tmp) / "checkpoint", max_shard_size, **save_kwargs)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message,
-                                 revision=revision)
+        return upload_checkpoint(folder, repo_id, private, token, commit_message, revision)
+
+
+def upload_checkpoint(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
+                      token: str | None = None, commit_message: str = "Upload zoo model",
+                      revision: str | None = None):
+    """Commit a checkpoint directory written by :func:`save_pretrained` to the Hub repo ``repo_id``
+    (created if missing); ``train.py`` calls this with the final export when ``hub.push`` is set."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision)
 
 
 # --------------------------------------------------------------------------- loading
