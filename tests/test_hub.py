@@ -200,6 +200,15 @@ def test_push_pull_revisions_and_offline(hub, tmp_path):
                                                    overrides={{"hub.repo_id": "org/tiny"}}, **TINY))
         torch.save(second.state_dict(), r"{tmp_path / 'second.pt'}")
 
+        from zoo.training import train  # train.py pushes its final export when hub.push is set
+        run = train(zoo.load_config("dense-tiny", {{
+            **{{f"model.{{k}}": v for k, v in TINY.items()}}, "model.n_layers": 1,
+            "train.data": {{"corpus": "pydoc-topics", "tokenizer": "bytes", "seq_len": 16}},
+            "train.batch_size": 2, "train.max_steps": 2, "train.val_check_interval": 2, "train.val_batches": 1,
+            "train.sample_tokens": 0, "train.precision": "32-true", "train.out_dir": r"{tmp_path / 'run'}",
+            "hub.repo_id": "org/trained", "hub.push": True}}))
+        assert_same_model(zoo.from_pretrained(run.out_dir / "final"), zoo.from_pretrained("org/trained"))
+
         import pytest
         from huggingface_hub.errors import RepositoryNotFoundError
         with pytest.raises(RepositoryNotFoundError):  # private: invisible without the token
@@ -208,9 +217,12 @@ def test_push_pull_revisions_and_offline(hub, tmp_path):
             tiny_model().push_to_hub("org/other", token="hf_wrong")
     """, hub, tmp_path / "hf")
     puts = [path for method, path in hub.requests if method == "PUT"]
-    assert len(puts) == 2 and all(p.startswith("/lfs-upload/") for p in puts)  # weights went through LFS
+    assert len(puts) == 3 and all(p.startswith("/lfs-upload/") for p in puts)  # weights went through LFS
     assert len(hub.repos["org/tiny"].commits) == 3 and hub.repos["org/tiny"].private
     assert "README.md" in hub.repos["org/tiny"].commits[hub.repos["org/tiny"].branches["main"]]
+    trained = hub.repos["org/trained"].commits[hub.repos["org/trained"].branches["main"]]
+    assert {"tokenizer.json", "README.md", "config.json", "model.safetensors"} <= set(trained)
+    assert "steps: 2" in trained["README.md"].data.decode()
 
     seen = len(hub.requests)
     run_client(f"""

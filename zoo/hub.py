@@ -98,8 +98,8 @@ def model_card(model, training: Mapping | None = None, license: str = "apache-2.
     val_loss = training.get("val_loss")
     lines = [
         f"# {config.name or 'zoo model'}", "",
-        "A decoder-only language model built with [zoo](https://github.com/) from interchangeable blocks.", "",
-        "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+        "A decoder-only language model built with zoo from interchangeable blocks.", "",
+        "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
         f"Parameters: {total:,} total, {active:,} active per token.", "",
         "## Training", "",
         f"- corpus: `{corpus}`, tokenizer `{config.train.data.tokenizer}`, sequence length {config.train.data.seq_len}",
