@@ -161,12 +161,12 @@ def load_pretrained_for(config: ZooConfig, revision: str | None = None, token: s
     return load_model(config, read_state_dict(directory), config.hub.repo_id)
 
 
-def load_hub_model(name: str, overrides: Mapping | None = None, revision: str | None = None):
+def load_hub_model(name: str, overrides: Mapping | None = None):
     """``create_model("hf-hub:org/repo", ...)``: the repo's model, with ``overrides`` applied to its config."""
     from zoo.config import load_config
 
     repo_id = name[len(HUB_PREFIX):]
-    directory = resolve_checkpoint(repo_id, revision)
+    directory = resolve_checkpoint(repo_id)
     raw = _read_json(directory / "config.json")
     if not overrides:
         return from_pretrained(directory)
