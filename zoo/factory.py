@@ -24,10 +24,15 @@ def create_model(name_or_path: str | Path | ZooConfig, pretrained: bool = False,
     """A model from a preset name or config path, with dotted ``overrides`` and ``model.*`` keywords.
 
     ``create_model("switch-tiny", n_layers=2)`` sets ``model.n_layers``; a dict keyword merges into
-    the section (``mixer={"n_heads": 4}``). ``pretrained=True`` loads the preset's Hub weights.
+    the section (``mixer={"n_heads": 4}``). ``pretrained=True`` loads the preset's Hub weights;
+    ``"hf-hub:org/repo"`` names a Hub repo instead of a preset (its weights are always loaded).
     """
     merged = dict(parse_overrides(overrides))
     merged.update({f"model.{key}": value for key, value in model_fields.items()})
+    if isinstance(name_or_path, str) and name_or_path.startswith("hf-hub:"):
+        from zoo.hub import load_hub_model
+
+        return load_hub_model(name_or_path, merged)
     config = load_config(name_or_path, merged)
     if pretrained:
         from zoo.hub import load_pretrained_for

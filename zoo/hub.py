@@ -1,25 +1,58 @@
-"""Checkpoints: ``config.json`` + safetensors weights in a directory, written atomically.
+"""Checkpoints and the Hugging Face Hub.
 
-Loading never unpickles: weights are read from safetensors only.
+A checkpoint directory holds ``config.json`` (the zoo config), ``model.safetensors`` (or shards with
+``model.safetensors.index.json``), ``tokenizer.json`` when the model has one, and a model card
+``README.md``. Writes are atomic: everything goes to a temporary directory that is renamed at the end.
+
+Loading never executes code: weights come from safetensors; a checkpoint that only has PyTorch ``.bin``
+files is read with ``torch.load(weights_only=True)``, which refuses anything but tensors. A directory
+or Hub repo holding a Hugging Face transformers checkpoint (``config.json`` with a ``model_type``) is
+converted to zoo blocks by :mod:`zoo.convert`.
+
+Hub transfers go through ``huggingface_hub`` (``snapshot_download``, ``HfApi.upload_folder``), so
+``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME`` / ``HF_HUB_CACHE`` and revisions work as
+for any Hub library.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
+from typing import Mapping
 
-from huggingface_hub import load_torch_model, save_torch_state_dict
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, save_torch_state_dict, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from zoo.config import ZooConfig
 
+HUB_PREFIX = "hf-hub:"
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "README.md", "tokenizer*", "*.model", "*.txt"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit its model; the message names the file or tensors."""
+
+
+# --------------------------------------------------------------------------- saving
+
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB",
-                    extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_size``)
-    to ``path``, plus ``extra_files`` (name -> content, e.g. ``tokenizer.json``). Everything is written under a temporary name first, so a crash never leaves a
-    half-written checkpoint at ``path``; an existing checkpoint there is replaced only at the end."""
+                    extra_files: Mapping[str, str | bytes] | None = None, training: Mapping | None = None,
+                    license: str = "apache-2.0") -> Path:
+    """Write ``config.json``, the safetensors weights (sharded with an index above ``max_shard_size``),
+    ``extra_files`` (name -> content, e.g. ``tokenizer.json``) and a model card ``README.md`` to ``path``.
+
+    ``training`` adds what the card should report of the run: ``steps``, ``val_loss``, ``corpus``.
+    Everything is written under a temporary name first, so a crash never leaves a half-written
+    checkpoint at ``path``; an existing checkpoint there is replaced only at the end.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -30,6 +63,7 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
         for name, content in (extra_files or {}).items():
             target = staging / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
+        (staging / "README.md").write_text(model_card(model, training, license))
         _replace_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -37,29 +71,226 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
     return path
 
 
-def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = None):
-    """A :class:`zoo.ZooModel` from a local checkpoint directory written by ``save_pretrained``."""
+def model_card(model, training: Mapping | None = None, license: str = "apache-2.0") -> str:
+    """A Hub model card: YAML metadata (``library_name: zoo``, block-family tags, license) and a body with
+    the architecture, total and active parameter counts, and the training corpus, steps and validation loss."""
+    config = model.config
+    m = config.model
+    training = dict(training or {})
+    blocks = [m.layer_blocks(i) for i in range(m.n_layers)]
+    mixers = sorted({mixer.type for mixer, _ in blocks})
+    ffns = sorted({ffn.type for _, ffn in blocks})
+    data = ModelCardData(library_name="zoo", license=license, pipeline_tag="text-generation",
+                         tags=["zoo", *(f"mixer-{t}" for t in mixers), *(f"ffn-{t}" for t in ffns)])
+    total, active = model.num_parameters(), model.num_parameters(active=True)
+
+    def spec(block) -> str:
+        options = {k: v for k, v in block.to_dict().items() if k != "type"}
+        return f"`{block.type}` " + ", ".join(f"{k}={v}" for k, v in options.items())
+
+    rows = [("vocab_size", m.vocab_size), ("d_model", m.d_model), ("n_layers", m.n_layers),
+            ("max_seq_len", m.max_seq_len), ("tie_embeddings", m.tie_embeddings), ("norm", spec(m.norm)),
+            ("mixer", spec(m.mixer)), ("ffn", spec(m.ffn))]
+    rows += [(f"layer {i}", ", ".join(spec(b) for b in (o.mixer, o.ffn) if b is not None))
+             for i, o in sorted(m.layers.items())]
+    corpus = training.get("corpus", config.train.data.corpus)
+    steps = training.get("steps")
+    val_loss = training.get("val_loss")
+    lines = [
+        f"# {config.name or 'zoo model'}", "",
+        "A decoder-only language model built with zoo from interchangeable blocks.", "",
+        "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "",
+        f"Parameters: {total:,} total, {active:,} active per token.", "",
+        "## Training", "",
+        f"- corpus: `{corpus}`, tokenizer `{config.train.data.tokenizer}`, sequence length {config.train.data.seq_len}",
+        f"- steps: {steps if steps is not None else 'unknown'}",
+        f"- final validation loss: {f'{val_loss:.4f}' if val_loss is not None else 'unknown'}", "",
+        "## Use", "", "```python", "import zoo", "", 'model = zoo.from_pretrained("<repo_id or path>")', "```", "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload zoo model", revision: str | None = None,
+                max_shard_size: str | int = "5GB", **save_kwargs):
+    """Save ``model`` to a temporary directory and commit it to the Hub repo ``repo_id`` (created if
+    missing). ``token`` defaults to ``HF_TOKEN`` / the saved login. Returns the ``CommitInfo``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, Path(tmp) / "checkpoint", max_shard_size, **save_kwargs)
+        return upload_checkpoint(folder, repo_id, private, token, commit_message, revision)
+
+
+def upload_checkpoint(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
+                      token: str | None = None, commit_message: str = "Upload zoo model",
+                      revision: str | None = None):
+    """Commit a checkpoint directory written by :func:`save_pretrained` to the Hub repo ``repo_id``
+    (created if missing); ``train.py`` calls this with the final export when ``hub.push`` is set."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = None, *,
+                    token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None):
+    """A :class:`zoo.ZooModel` from a local directory or a Hub repo id (``org/name``, ``revision`` a
+    branch, tag or commit), holding a zoo checkpoint or a transformers checkpoint of a supported
+    ``model_type`` (see :mod:`zoo.convert`). ``dtype`` casts the weights; None keeps the checkpoint's."""
+    directory = resolve_checkpoint(path_or_repo_id, revision, token=token, cache_dir=cache_dir)
+    config = _read_json(directory / "config.json")
+    if "model_type" in config:
+        from zoo.convert import convert_checkpoint
+
+        zoo_config, state_dict = convert_checkpoint(config, read_state_dict(directory), str(directory))
+    else:
+        zoo_config, state_dict = ZooConfig.from_dict(config), read_state_dict(directory)
+    return load_model(zoo_config, state_dict, str(path_or_repo_id), dtype)
+
+
+def load_pretrained_for(config: ZooConfig, revision: str | None = None, token: str | None = None):
+    """A model built from ``config`` with the weights of its ``hub.repo_id`` (a repo id or a local dir).
+
+    The config may differ from the checkpoint's in anything that leaves the tensors' shapes alone;
+    a shape mismatch names the tensors."""
+    if config.hub.repo_id is None:
+        raise ValueError(f"preset {config.name!r} has no hub.repo_id, so it has no pretrained weights")
+    directory = resolve_checkpoint(config.hub.repo_id, revision, token=token)
+    return load_model(config, read_state_dict(directory), config.hub.repo_id)
+
+
+def load_hub_model(name: str, overrides: Mapping | None = None):
+    """``create_model("hf-hub:org/repo", ...)``: the repo's model, with ``overrides`` applied to its config."""
+    from zoo.config import load_config
+
+    repo_id = name[len(HUB_PREFIX):]
+    directory = resolve_checkpoint(repo_id)
+    raw = _read_json(directory / "config.json")
+    if not overrides:
+        return from_pretrained(directory)
+    if "model_type" in raw:
+        raise ValueError(f"{name}: overrides {sorted(overrides)} apply to zoo checkpoints only, "
+                         f"and this repo holds a transformers {raw['model_type']!r} checkpoint")
+    return load_model(load_config(raw, overrides), read_state_dict(directory), name)
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None, *,
+                       token: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local directory of a checkpoint: ``path_or_repo_id`` itself if it is a directory, else the
+    Hub snapshot of that repo at ``revision`` (downloaded into the cache, or found there offline)."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{str(path)!r} has no config.json, so it is not a checkpoint directory")
+        return path
+    repo_id = str(path_or_repo_id)
+    if repo_id.startswith(HUB_PREFIX):
+        repo_id = repo_id[len(HUB_PREFIX):]
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"checkpoint directory {repo_id!r} does not exist (and it is no Hub repo id)")
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                          allow_patterns=_DOWNLOAD_PATTERNS))
+        if not any(snapshot.glob("*.safetensors")):  # old repos: PyTorch pickles, read with weights_only
+            snapshot = Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                              allow_patterns=[*_DOWNLOAD_PATTERNS, "*.bin"]))
+    except LocalEntryNotFoundError as err:
+        from huggingface_hub import constants
+
+        where = cache_dir or constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(f"{repo_id!r} (revision {revision or 'main'}) is not in the Hugging Face cache "
+                                    f"{where} and HF_HUB_OFFLINE=1 forbids downloading it") from err
+        raise FileNotFoundError(f"{repo_id!r} (revision {revision or 'main'}) could not be downloaded from "
+                                f"{constants.ENDPOINT} and is not in the cache {where}: {err}") from err
+    if not (snapshot / "config.json").is_file():
+        raise CheckpointError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no config.json")
+    return snapshot
+
+
+def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: safetensors (single file or index + shards) first, else
+    PyTorch ``.bin`` files through ``torch.load(weights_only=True)``; never any other unpickling."""
+    directory = Path(directory)
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (directory / index).is_file():
+            shards = sorted(set(_read_json(directory / index)["weight_map"].values()))
+        elif (directory / single).is_file():
+            shards = [single]
+        else:
+            continue
+        state_dict = {}
+        for shard in shards:
+            state_dict.update(_read_weights(directory / shard))
+        return state_dict
+    raise CheckpointError(f"{str(directory)!r} holds no weights: expected model.safetensors, "
+                          "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def load_model(config: ZooConfig, state_dict: dict[str, torch.Tensor], source: str,
+               dtype: torch.dtype | None = None):
+    """Build ``config``'s model without initialising it and fill it from ``state_dict``; a missing,
+    unexpected or wrongly shaped tensor raises :class:`CheckpointError` naming every such tensor."""
     from zoo.factory import build_model
 
-    path = Path(path_or_repo_id)
-    if not path.is_dir():
-        raise NotImplementedError(f"{path_or_repo_id!r} is not a local checkpoint directory; "
-                                  "downloads from the Hugging Face Hub are not implemented yet")
-    config = ZooConfig.from_json((path / "config.json").read_text())
-    model = build_model(config)
-    result = load_torch_model(model, path, strict=False)
-    missing = [k for k in result.missing_keys if k not in _tied_keys(model)]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit its config: missing tensors {missing}, "
-                         f"unexpected tensors {result.unexpected_keys}")
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    with torch.device("meta"):
+        model = build_model(config)  # no initialisation: every tensor comes from the checkpoint
+    persistent = set(model.state_dict())
+    if any(name not in persistent for name, _ in model.named_buffers()):
+        model = build_model(config)  # a block keeps derived buffers that the checkpoint does not hold
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    if config.model.tie_embeddings:
+        model.head.weight = model.embed.weight
     return model
 
 
-def load_pretrained_for(config: ZooConfig):
-    """The preset's pretrained weights from its ``hub.repo_id``."""
-    if config.hub.repo_id is None:
-        raise ValueError(f"preset {config.name!r} has no hub.repo_id, so it has no pretrained weights")
-    return from_pretrained(config.hub.repo_id)
+def check_state_dict(model, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    expected = {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected) - _tied_keys(model))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected}")
+    if mismatched:
+        problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
+    if problems:
+        raise CheckpointError(f"checkpoint {source!r} does not fit its config: " + ", ".join(problems))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"weights file {str(file)!r} listed in the checkpoint is missing")
+    if file.suffix == ".safetensors":
+        try:
+            return load_file(file)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{str(file)!r} is not a readable safetensors file "
+                                  f"(truncated or corrupt?): {err}") from err
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # UnpicklingError for anything but tensors, RuntimeError for a corrupt zip
+        raise CheckpointError(f"refusing to load {str(file)!r}: it is not a plain tensor checkpoint, and "
+                              f"loading never executes pickled code (convert it to safetensors): {err}") from err
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{str(path)!r} is not readable JSON: {err}") from err
 
 
 def _tied_keys(model) -> set[str]:

@@ -117,6 +117,12 @@ class ZooModel(nn.Module):
 
         return save_pretrained(self, path, **kwargs)
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload a checkpoint to the Hugging Face Hub; see :func:`zoo.hub.push_to_hub`."""
+        from zoo.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def num_parameters(self, active: bool = False) -> int:
         """Total parameters (tied weights once); ``active=True`` counts what one token uses, i.e.
         routed experts only for the experts a token is sent to (blocks define ``num_active_parameters``)."""

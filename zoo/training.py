@@ -457,7 +457,12 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
         print(f"resume with: train.out_dir={out_dir} train.resume=true")
         return result
     model = module.model.float().cpu().eval()
-    model.save_pretrained(out_dir / "final", extra_files={"tokenizer.json": tokenizer.to_json()})
+    model.save_pretrained(out_dir / "final", extra_files={"tokenizer.json": tokenizer.to_json()},
+                          training={"steps": steps, "val_loss": val_loss})
+    if config.hub.push and config.hub.repo_id:
+        from zoo.hub import upload_checkpoint
+
+        upload_checkpoint(out_dir / "final", config.hub.repo_id, commit_message=f"zoo training run: step {steps}")
     if module.val_expert_load is not None:
         plot_expert_load(module.val_expert_load, out_dir / "expert_load.png")
     if train_cfg.sample_tokens > 0:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding
 from zoo.config import ConfigError, require_positive
 from zoo.registry import BlockContext, register
@@ -34,6 +35,8 @@ class AttentionConfig:
     head_dim: int | None = None  # None: d_model / n_heads
     rope_theta: float = 10000.0
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections, before the head split (OLMoE)
+    qk_norm_eps: float = 1.0e-6
     backend: Backend = "auto"
 
     def validate(self, model) -> None:
@@ -99,6 +102,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(ctx.d_model, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.out = nn.Linear(q_dim, ctx.d_model, bias=False)
         self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
+        self.q_norm = RMSNorm(q_dim, config.qk_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(kv_dim, config.qk_norm_eps) if config.qk_norm else None
         nn.init.normal_(self.qkv.weight, std=ctx.init_std)
         nn.init.normal_(self.out.weight, std=ctx.residual_init_std)
         if self.qkv.bias is not None:
@@ -112,6 +117,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

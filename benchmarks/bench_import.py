@@ -1,0 +1,149 @@
+"""Importing a transformers Llama checkpoint (~100M parameters, generated here) with ``zoo.from_pretrained``
+vs transformers' own ``AutoModelForCausalLM.from_pretrained`` of the same files, and greedy decoding speed.
+
+Each load runs in a fresh subprocess (libraries imported before the clock starts), zoo and transformers
+alternating, so that time and peak memory (``ru_maxrss`` growth over the process's size after the imports)
+are those of the load alone; the time to the first logits (load + one 16-token forward) and a second,
+warm load in the same process are timed too. Decoding: batch 1, float32, the same prompt, greedy, ``--new-tokens`` tokens;
+both models are loaded in one process and timed alternately. Reports medians.
+
+    python -m benchmarks.bench_import [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import alternate, print_table, save, summary
+
+SHAPE = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
+             num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=2048,
+             tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None)
+QUICK = dict(SHAPE, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, vocab_size=8000)
+
+
+def make_checkpoint(shape: dict, path: Path) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load(which: str, path: str):
+    if which == "zoo":
+        import zoo
+
+        return zoo.from_pretrained(path).eval()
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure_load(which: str, path: str) -> dict:
+    """In this (fresh) process: import the library, then time one load, its peak memory growth, the first
+    forward pass after it (lazily mapped weights are paid for there), and a second, warm load."""
+    if which == "zoo":
+        import zoo  # noqa: F401
+    import transformers  # noqa: F401  (imported on both sides: the same baseline)
+
+    before = _rss_kib()
+    start = time.perf_counter()
+    model = load(which, path)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        model(torch.zeros(1, 16, dtype=torch.long))
+    first_logits = time.perf_counter() - start
+    del model
+    start = time.perf_counter()
+    load(which, path)
+    warm = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": (peak - before) / 1024, "first_logits_s": first_logits, "warm_s": warm}
+
+
+def load_in_subprocess(which: str, path: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_import", "--measure-load", which, str(path)],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def decode_speed(path: Path, vocab_size: int, new_tokens: int, repeats: int) -> dict:
+    models = {"zoo": load("zoo", str(path)), "transformers": load("transformers", str(path))}
+    prompt = torch.randint(0, vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+
+    def run(name):
+        def once():
+            start = time.perf_counter()
+            with torch.no_grad():
+                if name == "zoo":
+                    out = models[name].generate(prompt, max_new_tokens=new_tokens)
+                else:
+                    out = models[name].generate(prompt, max_new_tokens=new_tokens, do_sample=False,
+                                                pad_token_id=0)
+            outputs[name] = out
+            return new_tokens / (time.perf_counter() - start)
+        return once
+
+    for name in models:  # warm-up
+        run(name)()
+    speeds = alternate({name: run(name) for name in models}, repeats)
+    same = torch.equal(outputs["zoo"], outputs["transformers"])
+    return {"tokens_per_s": {k: summary(v) for k, v in speeds.items()}, "same_tokens": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 4-layer model, fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--measure-load", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_load:
+        print(json.dumps(measure_load(*args.measure_load)))
+        return
+    shape = QUICK if args.quick else SHAPE
+    repeats = args.repeats or (2 if args.quick else 5)
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "llama"
+        n_params = make_checkpoint(shape, path)
+        print(f"transformers Llama checkpoint: {n_params / 1e6:.1f}M parameters, float32, {path}")
+        loads = alternate({name: lambda name=name: load_in_subprocess(name, path)
+                           for name in ("zoo", "transformers")}, repeats)
+        decoding = decode_speed(path, shape["vocab_size"], new_tokens, repeats)
+    rows, result = [], {"parameters": n_params, "shape": shape, "repeats": repeats, "new_tokens": new_tokens,
+                        "same_tokens": decoding["same_tokens"], "load": {}, "decode": decoding["tokens_per_s"]}
+    for name, runs in loads.items():
+        result["load"][name] = {key: summary([r[key] for r in runs])
+                                for key in ("seconds", "peak_mib", "first_logits_s", "warm_s")}
+        rows.append([name, *(result["load"][name][key]["median"]
+                             for key in ("seconds", "first_logits_s", "warm_s", "peak_mib")),
+                     decoding["tokens_per_s"][name]["median"]])
+    print_table(["library", "load s", "load + 1st forward s", "warm reload s", "load peak MiB",
+                 "greedy tokens/s (b=1)"], rows)
+    print(f"greedy outputs identical: {decoding['same_tokens']}")
+    print(f"wrote {save('bench_import' + ('_quick' if args.quick else ''), result)}")
+
+
+if __name__ == "__main__":
+    main()

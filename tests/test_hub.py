@@ -1,0 +1,237 @@
+"""Checkpoints and the Hub: save/load, sharding, atomic writes, safety, model card, and push/pull through
+the real ``huggingface_hub`` client against the local Hub-compatible server in ``tests/hub_server.py``.
+
+``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_OFFLINE`` once, at import, so the Hub
+scenarios run in subprocesses given exactly those environment variables, as a user would set them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from zoo.hub import CheckpointError, read_state_dict
+from hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(n_layers=2, d_model=32, max_seq_len=32, mixer={"n_heads": 2, "n_kv_heads": 1}, ffn={"d_hidden": 64})
+
+
+def tiny_model(**fields):
+    return zoo.create_model("dense-tiny", **{**TINY, **fields})
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    ids = torch.randint(0, a.config.model.vocab_size, (2, 8))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+# --------------------------------------------------------------------------- local checkpoints
+
+
+def test_round_trip_writes_card_and_loads_identical(tmp_path):
+    model = tiny_model(tie_embeddings=False)
+    model.save_pretrained(tmp_path / "ckpt", training={"steps": 123, "val_loss": 1.2345})
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["README.md", "config.json", "model.safetensors"]
+    assert_same_model(model, zoo.from_pretrained(tmp_path / "ckpt"))
+    card = (tmp_path / "ckpt" / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: zoo" in card and "license: apache-2.0" in card
+    assert "mixer-attention" in card and "ffn-mlp" in card
+    assert f"{model.num_parameters():,} total" in card and "steps: 123" in card and "1.2345" in card
+
+
+def test_sharded_save_and_load(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / "ckpt" / s).is_file() for s in shards)
+    assert_same_model(model, zoo.from_pretrained(tmp_path / "ckpt"))
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    old = tiny_model()
+    old.save_pretrained(tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    new = tiny_model()
+    monkeypatch.setattr("zoo.hub.model_card", crash)  # fails after the weights are written
+    with pytest.raises(KeyboardInterrupt):
+        new.save_pretrained(tmp_path / "ckpt")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the staging directory is gone
+    assert_same_model(old, zoo.from_pretrained(tmp_path / "ckpt"))
+
+
+def test_mismatched_checkpoint_names_the_tensors(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["model"]["ffn"]["d_hidden"] = 96
+    config["model"]["n_layers"] = 3
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        zoo.from_pretrained(tmp_path / "ckpt")
+    message = str(err.value)
+    assert "missing tensors" in message and "blocks.2.mixer.qkv.weight" in message
+    assert "blocks.0.ffn.gate_up.weight: checkpoint (128, 32) vs model (192, 32)" in message
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["blocks.0.extra"] = torch.zeros(2)
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['blocks.0.extra'\]"):
+        zoo.from_pretrained(tmp_path / "ckpt")
+
+
+def test_truncated_safetensors_fails_with_file_name(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors.*not a readable safetensors file"):
+        zoo.from_pretrained(tmp_path / "ckpt")
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        zoo.from_pretrained(tmp_path / "ckpt")
+
+
+class _Exploit:
+    """A pickle that, when loaded by an unsafe unpickler, writes a file."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.target), "pwned"))
+
+
+def test_malicious_pickle_is_not_executed(tmp_path):
+    model = tiny_model()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(model.config.to_json())
+    target = tmp_path / "pwned.txt"
+    torch.save({"embed.weight": _Exploit(str(target))}, ckpt / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*never executes pickled code"):
+        zoo.from_pretrained(ckpt)
+    assert not target.exists()
+    with open(ckpt / "pytorch_model.bin", "wb") as f:  # a bare pickle rather than torch's zip format
+        pickle.dump(_Exploit(str(target)), f)
+    with pytest.raises(CheckpointError):
+        zoo.from_pretrained(ckpt)
+    assert not target.exists()
+
+
+def test_plain_bin_checkpoint_loads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    state = read_state_dict(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
+    assert_same_model(model, zoo.from_pretrained(tmp_path / "ckpt"))
+
+
+def test_missing_directory_and_preset_without_repo():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zoo.from_pretrained("./no/such/dir")
+    with pytest.raises(ValueError, match="no hub.repo_id"):
+        zoo.create_model("dense-tiny", pretrained=True)
+
+
+# --------------------------------------------------------------------------- the Hub
+
+
+@pytest.fixture
+def hub():
+    server = HubServer(token="hf_test_token").start()
+    yield server
+    server.stop()
+
+
+def run_client(script: str, hub: HubServer, hf_home: Path, **env) -> str:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    environment.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_TOKEN=hub.token,
+                       HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
+                       OMP_NUM_THREADS="1", **env)
+    prelude = textwrap.dedent(f"""
+        import torch, zoo
+        from test_hub import TINY, assert_same_model, tiny_model
+        torch.manual_seed(0)
+    """)
+    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], cwd=ROOT, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_push_pull_revisions_and_offline(hub, tmp_path):
+    run_client(f"""
+        first = tiny_model()
+        info1 = first.push_to_hub("org/tiny", private=True, commit_message="first")
+        pulled = zoo.from_pretrained("org/tiny")
+        assert_same_model(first, pulled)
+
+        second = tiny_model()
+        second.push_to_hub("org/tiny", commit_message="second")
+        assert_same_model(second, zoo.from_pretrained("org/tiny"))
+        assert_same_model(first, zoo.from_pretrained("org/tiny", revision=info1.oid))
+        assert_same_model(second, zoo.create_model("hf-hub:org/tiny"))
+        assert_same_model(second, zoo.create_model("dense-tiny", pretrained=True,
+                                                   overrides={{"hub.repo_id": "org/tiny"}}, **TINY))
+        torch.save(second.state_dict(), r"{tmp_path / 'second.pt'}")
+
+        from zoo.training import train  # train.py pushes its final export when hub.push is set
+        run = train(zoo.load_config("dense-tiny", {{
+            **{{f"model.{{k}}": v for k, v in TINY.items()}}, "model.n_layers": 1,
+            "train.data": {{"corpus": "pydoc-topics", "tokenizer": "bytes", "seq_len": 16}},
+            "train.batch_size": 2, "train.max_steps": 2, "train.val_check_interval": 2, "train.val_batches": 1,
+            "train.sample_tokens": 0, "train.precision": "32-true", "train.out_dir": r"{tmp_path / 'run'}",
+            "hub.repo_id": "org/trained", "hub.push": True}}))
+        assert_same_model(zoo.from_pretrained(run.out_dir / "final"), zoo.from_pretrained("org/trained"))
+
+        import pytest
+        from huggingface_hub.errors import RepositoryNotFoundError
+        with pytest.raises(RepositoryNotFoundError):  # private: invisible without the token
+            zoo.from_pretrained("org/tiny", token=False, cache_dir=r"{tmp_path / 'other-cache'}")
+        with pytest.raises(Exception, match="401"):
+            tiny_model().push_to_hub("org/other", token="hf_wrong")
+    """, hub, tmp_path / "hf")
+    puts = [path for method, path in hub.requests if method == "PUT"]
+    assert len(puts) == 3 and all(p.startswith("/lfs-upload/") for p in puts)  # weights went through LFS
+    assert len(hub.repos["org/tiny"].commits) == 3 and hub.repos["org/tiny"].private
+    assert "README.md" in hub.repos["org/tiny"].commits[hub.repos["org/tiny"].branches["main"]]
+    trained = hub.repos["org/trained"].commits[hub.repos["org/trained"].branches["main"]]
+    assert {"tokenizer.json", "README.md", "config.json", "model.safetensors"} <= set(trained)
+    assert "steps: 2" in trained["README.md"].data.decode()
+
+    seen = len(hub.requests)
+    run_client(f"""
+        import pytest
+        second = tiny_model()
+        second.load_state_dict(torch.load(r"{tmp_path / 'second.pt'}", weights_only=True))
+        assert_same_model(second, zoo.from_pretrained("org/tiny"))
+        with pytest.raises(FileNotFoundError, match="not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
+            zoo.from_pretrained("org/never-pushed")
+    """, hub, tmp_path / "hf", HF_HUB_OFFLINE="1")
+    assert len(hub.requests) == seen  # offline: not one request
+

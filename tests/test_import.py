@@ -1,0 +1,145 @@
+"""Importing transformers checkpoints: tiny random models of every supported ``model_type``, built and
+saved with transformers in the test, load through ``zoo.from_pretrained`` with float32 logits within
+1e-4 (relative to the largest logit) of transformers', and greedy generation equal token for token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import zoo  # noqa: E402
+from zoo.convert import supported_model_types  # noqa: E402
+from zoo.hub import CheckpointError  # noqa: E402
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+FAMILIES = {
+    "llama": {},
+    "llama-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
+    "mistral": dict(sliding_window=64),
+    "qwen2": {},
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, norm_topk_prob=False, decoder_sparse_step=2),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+    "deepseek_v3": dict(num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+                        topk_group=2, n_shared_experts=1, moe_intermediate_size=16, q_lora_rank=16,
+                        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                        routed_scaling_factor=2.5),
+    "deepseek_v3-no-q-lora": dict(model_type="deepseek_v3", num_key_value_heads=4, first_k_dense_replace=2, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=16, q_lora_rank=None,
+                                  kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+}
+
+
+def hf_model(name: str):
+    options = dict(FAMILIES[name])
+    model_type = options.pop("model_type", name)
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    if model_type == "deepseek_v3":  # a non-zero selection bias, so that "selection only" is tested
+        for layer in model.model.layers[config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(std=0.05)
+    return model
+
+
+def assert_parity(hf, path, new_tokens: int = 8):
+    model = zoo.from_pretrained(path).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = model(ids).logits
+    assert got.dtype == torch.float32
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel <= 1e-4, f"relative logit error {rel:.2e}"
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        reference = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=new_tokens), reference)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_import_matches_transformers(name, tmp_path):
+    hf = hf_model(name)
+    hf.save_pretrained(tmp_path)
+    model = assert_parity(hf, tmp_path)
+    if name == "llama-tied":
+        assert model.config.model.tie_embeddings and model.head.weight is model.embed.weight
+    if name == "mistral":
+        assert model.config.model.max_seq_len == 64  # full attention equals the window up to its length
+    if name.startswith("deepseek_v3"):
+        assert model.blocks[0].mixer.init_state(1, 10, "cpu", torch.float32).latent.shape == (1, 10, 16)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_packed_expert_layout(name, tmp_path):
+    """transformers 5 keeps experts packed (``experts.gate_up_proj``) in memory; checkpoints may hold that too."""
+    hf = hf_model(name)
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, tmp_path / "model.safetensors")
+    assert_parity(hf, tmp_path, new_tokens=3)
+
+
+def test_rope_theta_in_the_older_config_form(tmp_path):
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        **COMMON, rope_parameters={"rope_type": "default", "rope_theta": 500.0})).eval()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters")
+    config.update(rope_theta=500.0, rope_scaling=None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = assert_parity(hf, tmp_path, new_tokens=3)
+    assert model.config.model.mixer.options.rope_theta == 500.0
+
+
+def test_deepseek_mtp_layer_is_skipped_with_a_message(tmp_path):
+    hf = hf_model("deepseek_v3")
+    hf.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.2.eh_proj.weight"] = torch.zeros(32, 64)
+    weights["model.layers.2.enorm.weight"] = torch.ones(32)
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.warns(UserWarning, match="skipping the DeepSeek-V3 multi-token-prediction layer"):
+        assert_parity(hf, tmp_path, new_tokens=2)
+
+
+def test_unknown_model_type_lists_the_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 10}))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="'gpt2' cannot be imported; supported: " + ", ".join(supported_model_types())):
+        zoo.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'.*supported: 'default'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'.*supported: 'silu'"),
+    ({"attention_bias": True}, "attention_bias=True.*supported: False"),
+])
+def test_unsupported_options_fail_clearly(tmp_path, change, message):
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        zoo.from_pretrained(tmp_path)
+
+
+def test_leftover_tensors_are_named(tmp_path):
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.mystery.weight"] = torch.zeros(2)
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not map: \['model.layers.0.self_attn.mystery.weight'\]"):
+        zoo.from_pretrained(tmp_path)

@@ -1,0 +1,41 @@
+"""Import Hugging Face transformers checkpoints as zoo models.
+
+``convert_checkpoint(hf_config, state_dict, source)`` turns a transformers ``config.json`` and its tensors
+into a zoo config and a zoo state dict; :func:`zoo.from_pretrained` calls it for any checkpoint whose
+``config.json`` has a ``model_type``. One small module per family: :mod:`.dense` (llama, mistral,
+qwen2), :mod:`.sparse` (mixtral, qwen2_moe, olmoe), :mod:`.deepseek` (deepseek_v3); :mod:`.common`
+holds the shared mapping. Options a family module does not support fail with the supported values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.config import ConfigError, ZooConfig
+from zoo.convert import deepseek, dense, sparse
+from zoo.convert.common import HFConfig, Tensors
+from zoo.hub import CheckpointError
+
+CONVERTERS = {"llama": dense.convert, "mistral": dense.convert, "qwen2": dense.convert,
+              "mixtral": sparse.convert, "qwen2_moe": sparse.convert, "olmoe": sparse.convert,
+              "deepseek_v3": deepseek.convert}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(CONVERTERS)
+
+
+def convert_checkpoint(hf_config: dict, state_dict: dict[str, torch.Tensor],
+                       source: str) -> tuple[ZooConfig, dict[str, torch.Tensor]]:
+    """The zoo config and state dict of a transformers checkpoint of a supported ``model_type``."""
+    model_type = hf_config.get("model_type")
+    if model_type not in CONVERTERS:
+        raise CheckpointError(f"{source}: transformers model_type {model_type!r} cannot be imported; "
+                              f"supported: {', '.join(supported_model_types())}")
+    tensors = Tensors(state_dict, source)
+    raw = CONVERTERS[model_type](HFConfig(hf_config, source), tensors)
+    try:
+        config = ZooConfig.from_dict(raw)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: the {model_type} config maps to an invalid zoo config: {err}") from err
+    return config, tensors.finish()
