@@ -5,6 +5,7 @@ Loading never unpickles: weights are read from safetensors only.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -16,17 +17,27 @@ from zoo.config import ZooConfig
 
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB",
-                    extra_files: dict[str, str | bytes] | None = None) -> Path:
+                    extra_files: dict[str, str | bytes] | None = None, weights_format: str = "hp") -> Path:
     """Write ``config.json`` and ``model.safetensors`` (sharded with an index above ``max_shard_size``)
     to ``path``, plus ``extra_files`` (name -> content, e.g. ``tokenizer.json``). Everything is written under a temporary name first, so a crash never leaves a
-    half-written checkpoint at ``path``; an existing checkpoint there is replaced only at the end."""
+    half-written checkpoint at ``path``; an existing checkpoint there is replaced only at the end.
+    ``weights_format="fp8"`` stores the linear weights as e4m3 with per-128x128-block inverse scales
+    (DeepSeek-V3 layout, :mod:`zoo.fp8.checkpoint`); the default ``"hp"`` keeps the model's dtype."""
+    if weights_format not in ("hp", "fp8"):
+        raise ValueError(f"weights_format={weights_format!r}; choose 'hp' (high precision) or 'fp8'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        (staging / "config.json").write_text(model.config.to_json())
-        save_torch_state_dict(_untied_state_dict(model), staging, max_shard_size=max_shard_size)
+        config, state_dict = model.config.to_dict(), _untied_state_dict(model)
+        if weights_format == "fp8":
+            from zoo.fp8 import checkpoint as fp8_checkpoint
+
+            state_dict = fp8_checkpoint.quantize_state_dict(state_dict, fp8_checkpoint.quantized_weight_names(model))
+            config["quantization_config"] = fp8_checkpoint.QUANTIZATION_CONFIG
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size)
         for name, content in (extra_files or {}).items():
             target = staging / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
@@ -45,9 +56,15 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
     if not path.is_dir():
         raise NotImplementedError(f"{path_or_repo_id!r} is not a local checkpoint directory; "
                                   "downloads from the Hugging Face Hub are not implemented yet")
-    config = ZooConfig.from_json((path / "config.json").read_text())
-    model = build_model(config)
-    result = load_torch_model(model, path, strict=False)
+    raw = json.loads((path / "config.json").read_text())
+    quantization = raw.pop("quantization_config", None)
+    model = build_model(ZooConfig.from_dict(raw))
+    if quantization is None:
+        result = load_torch_model(model, path, strict=False)
+    else:  # fp8 weights: dequantised to float32 for use anywhere
+        from zoo.fp8.checkpoint import load_fp8_state_dict
+
+        result = model.load_state_dict(load_fp8_state_dict(path, quantization), strict=False)
     missing = [k for k in result.missing_keys if k not in _tied_keys(model)]
     if missing or result.unexpected_keys:
         raise ValueError(f"checkpoint {str(path)!r} does not fit its config: missing tensors {missing}, "
