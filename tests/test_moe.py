@@ -1,0 +1,273 @@
+"""MoE blocks: grouped dispatch vs the per-expert reference, router properties, balancing losses,
+Switch capacity, loss-free balancing. Tolerances: float32 dispatch 1e-5; float64 formulas 1e-12."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import zoo
+from zoo.aux import AuxCollector
+from zoo.blocks.experts import naive_experts
+from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
+from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,
+                               switch_aux_loss)
+from zoo.registry import BlockContext
+
+CTX = BlockContext(d_model=32, n_layers=2, layer_idx=0, max_seq_len=64, init_std=0.2)
+
+
+def moe(**options) -> TopKMoE:
+    return TopKMoE(MoEConfig(**{"n_experts": 8, "top_k": 2, "d_hidden": 24, **options}), CTX)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"score_func": "sigmoid", "n_group": 4, "topk_group": 2, "top_k": 3},
+    {"n_experts": 16, "top_k": 1, "norm_topk_prob": False},
+])
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "loop"])
+def test_dispatch_matches_naive_per_expert_loop(options, dispatch):
+    layer = moe(dispatch=dispatch, **options)
+    x = torch.randn(3, 10, 32, requires_grad=True)
+    out = layer(x, AuxCollector())
+    out.sum().backward()  # a zero-stride incoming gradient, which _grouped_mm's backward rejects raw
+    grads = [x.grad, *(p.grad for p in layer.parameters())]
+
+    x_ref = x.detach().clone().requires_grad_()
+    for p in layer.parameters():
+        p.grad = None
+    routing = layer.router(x_ref.reshape(30, 32))
+    ref = naive_experts(x_ref.reshape(30, 32), routing.indices, routing.weights,
+                        layer.experts.gate_up_proj, layer.experts.down_proj).reshape(3, 10, 32)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, [x_ref.grad, *(p.grad for p in layer.parameters())]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_under_bf16_autocast_runs_grouped_and_stays_close():
+    layer = moe(dispatch="grouped_mm")
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        want = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
+
+
+def test_float64_falls_back_to_the_loop_and_grouped_mm_refuses_it():
+    x = torch.randn(1, 5, 32, dtype=torch.float64)
+    assert moe().double()(x).dtype == torch.float64
+    with pytest.raises(RuntimeError, match="dispatch='grouped_mm'"):
+        moe(dispatch="grouped_mm").double()(x)
+
+
+# --------------------------------------------------------------------------- router
+
+
+def test_bias_changes_selection_never_the_weights():
+    router = Router(32, 8, 2, 0.2, score_func="sigmoid", norm_topk_prob=False, loss_free_bias=True)
+    x = torch.randn(64, 32)
+    before = router(x)
+    router.expert_bias.copy_(torch.linspace(-0.5, 0.5, 8))
+    after = router(x)
+    assert not torch.equal(before.indices, after.indices)
+    torch.testing.assert_close(after.scores, before.scores, rtol=0, atol=0)
+    torch.testing.assert_close(after.weights, before.scores.gather(-1, after.indices), rtol=0, atol=0)
+
+
+def test_normalised_weights_and_scaling_factor():
+    router = Router(32, 8, 3, 0.2, score_func="sigmoid", routed_scaling_factor=2.5)
+    routing = router(torch.randn(16, 32))
+    chosen = routing.scores.gather(-1, routing.indices)
+    torch.testing.assert_close(routing.weights, 2.5 * chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_router_runs_in_float32_under_bf16_autocast():
+    router = Router(32, 8, 2, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = router(torch.randn(4, 32))
+    assert routing.logits.dtype == routing.weights.dtype == torch.float32
+
+
+def test_group_limited_routing_stays_inside_kept_groups():
+    router = Router(32, 16, 4, 0.5, score_func="sigmoid", n_group=4, topk_group=2, loss_free_bias=True)
+    router.expert_bias.normal_(std=0.3)
+    routing = router(torch.randn(256, 32))
+    biased = (routing.scores + router.expert_bias).view(256, 4, 4)
+    group_score = biased.topk(2, dim=-1).values.sum(-1)  # (N, groups): sum of the top-2 biased scores
+    kept = group_score.topk(2, dim=-1).indices
+    chosen_group = routing.indices // 4
+    assert (chosen_group[:, :, None] == kept[:, None, :]).any(-1).all()
+    assert (chosen_group.min(-1).values != chosen_group.max(-1).values).any(), "both groups get used"
+
+
+def test_bias_has_no_gradient_and_moves_only_in_the_hook_by_gamma():
+    layer = moe(score_func="sigmoid", loss_free_bias=True, bias_update_rate=0.01).train()
+    bias = layer.router.expert_bias
+    assert not bias.requires_grad and all(p is not bias for p in layer.parameters())
+    layer.router.expert_bias.copy_(torch.randn(8) * 0.1)
+    start = bias.clone()
+    for _ in range(3):
+        layer(torch.randn(2, 12, 32), AuxCollector()).square().mean().backward()
+    assert torch.equal(bias, start), "forward and backward never touch the bias"
+    counted = layer.router.expert_load.clone()
+    assert counted.sum() == 3 * 2 * 12 * 2
+
+    reduced = []
+    layer.router.on_optimizer_step(lambda t: reduced.append(t) or t * 2)  # two ranks that saw the same
+    assert len(reduced) == 1 and torch.equal(reduced[0], counted)
+    step = bias - start
+    want = 0.01 * torch.sign(counted.mean() - counted)
+    torch.testing.assert_close(step, want, rtol=0, atol=1e-7)  # exactly +-gamma up to float32 rounding
+    assert layer.router.expert_load.sum() == 0, "the accumulated loads are reset after the update"
+
+
+def test_bias_is_a_float32_checkpoint_buffer_and_eval_counts_nothing():
+    layer = moe(loss_free_bias=True)
+    state = layer.state_dict()
+    assert "router.expert_bias" in state and "router.expert_load" not in state
+    layer = layer.to(torch.bfloat16).eval()
+    assert layer.router.expert_bias.dtype == torch.float32
+    layer(torch.randn(1, 4, 32, dtype=torch.bfloat16))
+    assert layer.router.expert_load.sum() == 0
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_aux_losses_equal_their_weight_at_uniform_routing():
+    E, k, B, T = 8, 2, 2, 16
+    scores = torch.full((B, T, E), 1 / E, dtype=torch.float64)
+    indices = torch.arange(B * T * k).view(B, T, k) % E  # every expert chosen equally often
+    assert switch_aux_loss(scores.view(-1, E), indices.view(-1, k), E).item() == pytest.approx(1, abs=1e-12)
+    assert sequence_aux_loss(scores, indices, E).item() == pytest.approx(1, abs=1e-12)
+    sigmoid_scores = torch.full((B, T, E), 0.3, dtype=torch.float64)  # normalised over experts first
+    assert sequence_aux_loss(sigmoid_scores, indices, E).item() == pytest.approx(1, abs=1e-12)
+
+    layer = moe(aux_loss_weight=0.01, seq_aux_loss_weight=1e-4, z_loss_weight=1e-3).train()
+    aux = AuxCollector()
+    layer(torch.randn(2, 8, 32), aux)
+    assert set(aux.losses) == {"aux_loss", "seq_aux_loss", "z_loss"}
+    assert len(aux.router_stats) == 1 and aux.router_stats[0].sum() == 2 * 8 * 2
+
+
+def test_aux_loss_matches_its_formula_when_skewed():
+    scores = torch.softmax(torch.randn(10, 4, dtype=torch.float64), -1)
+    indices = scores.argmax(-1, keepdim=True)
+    f = torch.stack([(indices == i).double().mean() for i in range(4)])
+    want = 4 * (f * scores.mean(0)).sum()
+    torch.testing.assert_close(switch_aux_loss(scores, indices, 4), want, rtol=1e-12, atol=1e-12)
+
+
+def test_z_loss_matches_its_formula():
+    logits = torch.randn(7, 5, dtype=torch.float64)
+    want = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 7
+    assert router_z_loss(logits).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_max_violation():
+    assert max_violation(torch.tensor([4, 4, 4, 4])).item() == 0
+    assert max_violation(torch.tensor([10, 2, 2, 2])).item() == pytest.approx(1.5)
+
+
+# --------------------------------------------------------------------------- switch
+
+
+def test_switch_capacity_drops_the_overflow_at_training_only():
+    E, N = 4, 24
+    layer = Switch(SwitchConfig(n_experts=E, d_hidden=16, capacity_factor=1.0), CTX)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = 10.0  # every token with x[..., 0] > 0 goes to expert 2
+    x = torch.randn(1, N, 32)
+    x[..., 0] = x[..., 0].abs() + 1
+    capacity = math.ceil(1.0 * N / E)
+    aux = AuxCollector()
+    out = layer.train()(x, aux)[0]
+    processed = out.abs().sum(-1) > 0
+    assert processed.sum() == capacity and processed[:capacity].all(), "the earliest tokens are kept"
+    assert aux.metrics["dropped_fraction"][0].item() == pytest.approx(1 - capacity / N)
+    assert torch.equal(aux.router_stats[0], torch.tensor([0, 0, N, 0]))
+
+    block_out = x + layer(x, AuxCollector())  # dropped tokens pass through the residual unchanged
+    assert torch.equal(block_out[0, capacity:], x[0, capacity:])
+
+    with torch.no_grad():
+        full = layer.eval()(x)[0]
+    assert (full.abs().sum(-1) > 0).all(), "evaluation is dropless"
+    torch.testing.assert_close(full[:capacity], out[:capacity])
+    probs = torch.softmax(layer.router.weight @ x[0].T, 0)[2]  # the gate p_i(x) scales the output
+    gate_up, down = layer.experts.gate_up_proj[2], layer.experts.down_proj[2]
+    gate, up = (x[0] @ gate_up.T).chunk(2, -1)
+    torch.testing.assert_close(full, probs[:, None] * (F.silu(gate) * up) @ down.T, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- model level
+
+
+def test_active_parameters_count_top_k_routed_plus_shared_and_router():
+    layer = moe(n_shared_experts=1, shared_expert_gate=True)
+    per_expert = 3 * 32 * 24
+    assert layer.num_active_parameters() == 8 * 32 + 2 * per_expert + per_expert + 32
+    model = zoo.create_model("deepseek-moe-tiny", n_layers=2)
+    dense = model.num_parameters() - sum(p.numel() for p in model.blocks[1].ffn.parameters())
+    assert model.num_parameters(active=True) == dense + model.blocks[1].ffn.num_active_parameters()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"n_group": 3}, "n_group=3 does not divide n_experts=8"),
+    ({"n_group": 4, "topk_group": 1, "top_k": 3}, "top_k=3 exceeds the 2 experts"),
+    ({"top_k": 9}, "top_k=9 exceeds n_experts=8"),
+    ({"score_func": "tanh"}, "softmax, sigmoid"),
+])
+def test_config_errors_name_the_key(bad, match):
+    with pytest.raises(zoo.ConfigError, match=match):
+        zoo.load_config("dense-tiny", {"model.ffn": {"type": "moe", "n_experts": 8, **bad}})
+
+
+class _SkewedTinyModel(nn.Module):
+    """Embedding -> MoE -> head on synthetic tokens, with a constant input feature on which the router
+    gives expert 0 a logit offset: a deliberately skewed router."""
+
+    def __init__(self, gamma: float):
+        super().__init__()
+        self.embed = nn.Embedding(32, 31)
+        self.moe = moe(score_func="sigmoid", loss_free_bias=True, bias_update_rate=gamma)
+        self.head = nn.Linear(32, 32)
+        with torch.no_grad():
+            self.moe.router.weight[:, 0] = 0.0
+            self.moe.router.weight[0, 0] = 3.0
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        x = torch.cat([torch.ones_like(h[..., :1]), h], dim=-1)
+        return self.head(self.moe(x, AuxCollector()))
+
+
+def _train_skewed(gamma: float, steps: int = 300) -> float:
+    torch.manual_seed(0)
+    model = _SkewedTinyModel(gamma).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loads = torch.zeros(8)
+    for step in range(steps):
+        tokens = torch.randint(0, 32, (16, 32))
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), ((tokens * 7 + 3) % 32).flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step >= steps - 20:
+            loads += model.moe.router.expert_load
+        model.moe.router.on_optimizer_step(lambda t: t)
+    return max_violation(loads).item()
+
+
+def test_loss_free_balancing_fixes_a_skewed_router_and_gamma_zero_does_not():
+    assert _train_skewed(gamma=0.0) > 1.0
+    assert _train_skewed(gamma=1e-3) < 0.2  # DeepSeek-V3's gamma

@@ -1,0 +1,183 @@
+"""Mixture-of-Experts FFNs: ``switch`` (top-1 with expert capacity) and ``moe`` (top-k, shared experts).
+
+``switch`` (Fedus et al. 2021, "Switch Transformers", §2.1-2.2): a float32 softmax router sends each
+token to one expert and the output is ``p_i(x) E_i(x)`` (Eq. 2 with k = 1). At training each expert
+takes at most ``ceil(capacity_factor * tokens / n_experts)`` tokens (Eq. 3); the overflow is dropped
+(the FFN outputs zero, so those tokens pass through the residual) and the dropped fraction is
+reported. Evaluation and generation are dropless, so outputs stay causal.
+
+``moe``: token-choice top-k over ``n_experts`` routed experts plus ``n_shared_experts`` always-on ones
+(DeepSeekMoE, Dai et al. 2024, Eq. 9; DeepSeek-V3, arXiv 2412.19437, Eq. 12-16), the shared output
+optionally scaled by ``sigmoid(w . x)`` as in Qwen2-MoE; softmax or sigmoid scores, group-limited
+routing and the auxiliary-loss-free bias (see :mod:`zoo.blocks.router`). Dropless.
+
+Balancing losses, any combination, each added already weighted: ``aux_loss`` (Switch Eq. 4,
+``alpha * E * sum_i f_i P_i``), ``seq_aux_loss`` (DeepSeek-V3 Eq. 17-20), ``z_loss`` (ST-MoE,
+Zoph et al. 2022, Eq. 5). Dense layers among MoE ones (first-k-dense, every-other-layer) come from
+per-layer overrides: ``model.layers: {0: {ffn: {type: mlp}}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoo.aux import AuxCollector
+from zoo.blocks.experts import Dispatch, Experts, sort_by_expert
+from zoo.blocks.mlp import SwiGLU
+from zoo.blocks.router import (Router, ScoreFunc, router_z_loss, sequence_aux_loss,
+                               switch_aux_loss)
+from zoo.config import ConfigError, require_positive
+from zoo.registry import BlockContext, register
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 8
+    top_k: int = 2
+    d_hidden: int | None = None  # each routed expert's hidden size; None: 8/3 d_model / top_k, x64
+    score_func: ScoreFunc = "softmax"
+    norm_topk_prob: bool = True  # divide the chosen weights by their sum
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing: experts in n_group groups,
+    topk_group: int = 1  # of which the topk_group best are searched
+    jitter_noise: float = 0.0
+    n_shared_experts: int = 0
+    d_shared_hidden: int | None = None  # None: n_shared_experts * d_hidden (one wide SwiGLU)
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output times sigmoid(Linear(d -> 1))
+    aux_loss_weight: float = 0.0  # Switch loss, 0.01 in the paper
+    seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise loss, 1e-4 in the paper
+    z_loss_weight: float = 0.0  # ST-MoE router z-loss, 1e-3 in the paper
+    loss_free_bias: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing
+    bias_update_rate: float = 1.0e-3  # its gamma
+    dispatch: Dispatch = "auto"  # grouped_mm where it supports the dtype, else a per-expert loop
+
+    def validate(self, model) -> None:
+        require_positive(self, "n_experts", "top_k", "d_hidden", "n_group", "topk_group", "d_shared_hidden")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.n_experts % self.n_group:
+            raise ConfigError(f"n_group={self.n_group} does not divide n_experts={self.n_experts}")
+        if self.topk_group > self.n_group:
+            raise ConfigError(f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        if self.top_k > self.topk_group * self.n_experts // self.n_group:
+            raise ConfigError(f"top_k={self.top_k} exceeds the {self.topk_group * self.n_experts // self.n_group} "
+                              f"experts of the topk_group={self.topk_group} kept groups")
+        if self.n_shared_experts < 0:
+            raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        for name in ("aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight", "bias_update_rate",
+                     "jitter_noise"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.routed_scaling_factor > 0:
+            raise ConfigError(f"routed_scaling_factor must be positive, got {self.routed_scaling_factor}")
+
+    def hidden_size(self, d_model: int) -> int:
+        return self.d_hidden or 64 * -(-8 * d_model // (3 * 64 * self.top_k))
+
+
+@dataclass
+class SwitchConfig:
+    n_experts: int = 8
+    d_hidden: int | None = None  # None: 8/3 d_model rounded up to a multiple of 64
+    capacity_factor: float = 1.25  # expert capacity at training; evaluation is dropless
+    aux_loss_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    jitter_noise: float = 0.0
+    dispatch: Dispatch = "auto"
+
+    def validate(self, model) -> None:
+        require_positive(self, "n_experts", "d_hidden", "capacity_factor")
+        for name in ("aux_loss_weight", "z_loss_weight", "jitter_noise"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+class MoE(nn.Module):
+    """Routed experts (+ shared experts); ``forward(x (B, T, d), aux) -> (B, T, d)``.
+
+    ``capacity_factor`` (Switch) limits each expert to ``ceil(capacity_factor * B T k / E)`` tokens at
+    training only. Reports ``aux.add_router_stats`` (tokens routed to each expert, before any drop)
+    and the weighted balancing losses while training.
+    """
+
+    def __init__(self, config: MoEConfig, ctx: BlockContext, capacity_factor: float | None = None):
+        super().__init__()
+        d_hidden = config.hidden_size(ctx.d_model)
+        self.config, self.capacity_factor = config, capacity_factor
+        self.router = Router(ctx.d_model, config.n_experts, config.top_k, ctx.init_std, config.score_func,
+                             config.norm_topk_prob, config.routed_scaling_factor, config.n_group,
+                             config.topk_group, config.jitter_noise, config.loss_free_bias,
+                             config.bias_update_rate)
+        self.experts = Experts(config.n_experts, ctx.d_model, d_hidden, ctx.init_std, ctx.residual_init_std,
+                               config.dispatch)
+        self.shared = self.shared_gate = None
+        if config.n_shared_experts:
+            d_shared = config.d_shared_hidden or config.n_shared_experts * d_hidden
+            self.shared = SwiGLU(ctx.d_model, d_shared, ctx)
+            if config.shared_expert_gate:
+                self.shared_gate = nn.Linear(ctx.d_model, 1, bias=False)
+                nn.init.normal_(self.shared_gate.weight, std=ctx.init_std)
+
+    def forward(self, x: torch.Tensor, aux: AuxCollector | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)
+        routing = self.router(flat)
+        E, k = self.config.n_experts, self.config.top_k
+        capacity = None
+        if self.training and self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * B * T * k / E)
+        sorted = sort_by_expert(routing.indices, routing.weights, E, capacity)
+        out = self.experts(flat, sorted)  # (B T, d) float32
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(flat))
+            out = out + shared
+        if aux is not None:
+            self._report(aux, routing, sorted, B, T, capacity)
+        return out.to(x.dtype).reshape(B, T, d)
+
+    def _report(self, aux: AuxCollector, routing, sorted, B: int, T: int, capacity: int | None) -> None:
+        config, E = self.config, self.config.n_experts
+        routed = torch.bincount(routing.indices.flatten(), minlength=E)
+        aux.add_router_stats(routed)
+        if capacity is not None:
+            dropped = 1 - sorted.token.numel() / routing.indices.numel()
+            aux.add_metric("dropped_fraction", torch.tensor(dropped, device=routed.device))
+        if not self.training:
+            return
+        if config.aux_loss_weight:
+            aux.add_loss("aux_loss", config.aux_loss_weight * switch_aux_loss(routing.scores, routing.indices, E))
+        if config.seq_aux_loss_weight:
+            loss = sequence_aux_loss(routing.scores.view(B, T, E), routing.indices.view(B, T, -1), E)
+            aux.add_loss("seq_aux_loss", config.seq_aux_loss_weight * loss)
+        if config.z_loss_weight:
+            aux.add_loss("z_loss", config.z_loss_weight * router_z_loss(routing.logits))
+
+    def num_active_parameters(self) -> int:
+        """What one token uses: the router, its ``top_k`` routed experts and the shared experts."""
+        shared = sum(p.numel() for m in (self.shared, self.shared_gate) if m is not None for p in m.parameters())
+        return self.router.weight.numel() + self.config.top_k * self.experts.params_per_expert() + shared
+
+
+@register("ffn", "moe", config=MoEConfig)
+class TopKMoE(MoE):
+    """Dropless top-k MoE with optional shared experts (DeepSeekMoE / DeepSeek-V3 / Mixtral / Qwen2-MoE)."""
+
+    def __init__(self, config: MoEConfig, ctx: BlockContext):
+        super().__init__(config, ctx)
+
+
+@register("ffn", "switch", config=SwitchConfig)
+class Switch(MoE):
+    """Switch Transformer FFN: top-1 softmax router, unnormalised gate ``p_i(x)``, expert capacity."""
+
+    def __init__(self, config: SwitchConfig, ctx: BlockContext):
+        moe = MoEConfig(n_experts=config.n_experts, top_k=1, d_hidden=config.d_hidden, norm_topk_prob=False,
+                        jitter_noise=config.jitter_noise, aux_loss_weight=config.aux_loss_weight,
+                        z_loss_weight=config.z_loss_weight, dispatch=config.dispatch)
+        super().__init__(moe, ctx, capacity_factor=config.capacity_factor)
