@@ -5,7 +5,9 @@ Each quantised linear stores ``<name>.weight`` as ``float8_e4m3fn (N, K)`` and
 block (edge blocks zero-padded when computing their amax), so ``W ≈ weight * scale_inv`` blockwise;
 ``config.json`` carries :data:`QUANTIZATION_CONFIG` (the keys DeepSeek-V3's release uses). The
 linears quantised are those the FP8 conversion would consider (:data:`zoo.fp8.convert.DEFAULT_SKIP`
-plus ``model.fp8.skip`` excluded), at any dims; everything else stays in its own dtype.
+plus ``model.fp8.skip`` excluded), at any dims; packed expert tensors ``(E, N, K)`` get one block grid
+per expert, ``weight_scale_inv``-style as ``<name>_scale_inv (E, ceil(N/128), ceil(K/128))``;
+everything else stays in its own dtype.
 """
 
 from __future__ import annotations
@@ -26,10 +28,18 @@ SCALE_SUFFIX = "_scale_inv"
 
 
 def quantized_weight_names(model: nn.Module) -> list[str]:
-    """State-dict names of the linear weights an fp8 checkpoint of ``model`` stores in e4m3."""
+    """State-dict names of the weights an fp8 checkpoint of ``model`` stores in e4m3: linear weights
+    and packed expert tensors (``gate_up_proj``, ``down_proj``; one block grid per expert)."""
+    from zoo.blocks.experts import Experts
+
     accept = skip_patterns_filter((*DEFAULT_SKIP, *model.config.model.fp8.skip))
-    return [f"{name}.weight" for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and accept(name, module)]
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and accept(name, module):
+            names.append(f"{name}.weight")
+        elif isinstance(module, Experts) and accept(name, module):
+            names += [f"{name}.gate_up_proj", f"{name}.down_proj"]
+    return names
 
 
 def quantize_state_dict(state_dict: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
@@ -37,8 +47,15 @@ def quantize_state_dict(state_dict: dict[str, torch.Tensor], names: list[str]) -
     out = dict(state_dict)
     for name in names:
         if name in out:
-            out[name], out[name + SCALE_SUFFIX] = quantize(out[name].detach(), E4M3, BLOCK, amax_floor=1e-4)
+            quantized = [quantize(w, E4M3, BLOCK, amax_floor=1e-4) for w in _matrices(out[name].detach())]
+            out[name], out[name + SCALE_SUFFIX] = (torch.stack(t).view(*out[name].shape[:-2], *t[0].shape[-2:])
+                                                   for t in zip(*quantized))
     return out
+
+
+def _matrices(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The trailing 2-D matrices of ``tensor`` (itself for a linear weight, one per expert when packed)."""
+    return list(tensor.reshape(-1, *tensor.shape[-2:]).unbind(0))
 
 
 def dequantize_state_dict(state_dict: dict[str, torch.Tensor], quantization_config: dict) -> dict[str, torch.Tensor]:
@@ -50,7 +67,11 @@ def dequantize_state_dict(state_dict: dict[str, torch.Tensor], quantization_conf
         if name.endswith(SCALE_SUFFIX):
             continue
         scale = state_dict.get(name + SCALE_SUFFIX)
-        out[name] = tensor if scale is None else dequantize(tensor, scale, block)
+        if scale is None:
+            out[name] = tensor
+        else:
+            matrices = [dequantize(q, s, block) for q, s in zip(_matrices(tensor), _matrices(scale))]
+            out[name] = torch.stack(matrices).view(tensor.shape)
     return out
 
 
