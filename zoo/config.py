@@ -61,6 +61,24 @@ class LayerOverride:
 
 
 @dataclass
+class FP8Config:
+    """``model.fp8``: FP8 GEMMs for the eligible linear layers (``zoo.fp8``); off by default."""
+
+    recipe: Literal["none", "tensorwise", "rowwise", "blockwise"] = "none"
+    backend: Literal["auto", "emulate", "scaled_mm"] = "auto"  # auto: _scaled_mm on fp8 GPUs, else emulate
+    weight_grad_high_precision: bool = False  # weight-gradient GEMM in float32 (torchao rowwise_with_gw_hp)
+    skip: list[str] = field(default_factory=list)  # extra fnmatch patterns of linears kept in high precision
+
+    def validate(self) -> None:
+        if self.backend == "scaled_mm" and self.recipe == "blockwise":
+            raise ConfigError("backend 'scaled_mm' takes tensorwise or rowwise scales; recipe 'blockwise' is "
+                              "emulated per tile (use backend auto or emulate)")
+        for pattern in self.skip:
+            if not pattern:
+                raise ConfigError(f"skip: patterns must be non-empty module-name globs, got {self.skip!r}")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int | None = None  # None: taken from the tokenizer (256 + specials for bytes)
     d_model: int = 256
@@ -72,6 +90,7 @@ class ModelConfig:
     mixer: BlockSpec = _block("mixer", "attention")
     ffn: BlockSpec = _block("ffn", "mlp")
     layers: dict[int, LayerOverride] = field(default_factory=dict)
+    fp8: FP8Config = field(default_factory=FP8Config)
 
     def layer_blocks(self, index: int) -> tuple[BlockSpec, BlockSpec]:
         """The (mixer, ffn) specs of layer ``index``, per-layer overrides applied."""
@@ -431,6 +450,7 @@ def validate(config: ZooConfig) -> None:
         check = getattr(spec.options, "validate", None) if spec is not None else None
         if check is not None:
             _prefixed(path, check, model)
+    _prefixed("model.fp8", model.fp8.validate)
     train = config.train
     _prefixed("train", require_positive, train, "batch_size", "max_steps", "val_check_interval",
               "checkpoint_every", "val_batches", "log_every")

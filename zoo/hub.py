@@ -45,21 +45,31 @@ class CheckpointError(ValueError):
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB",
                     extra_files: Mapping[str, str | bytes] | None = None, training: Mapping | None = None,
-                    license: str = "apache-2.0") -> Path:
+                    license: str = "apache-2.0", weights_format: str = "hp") -> Path:
     """Write ``config.json``, the safetensors weights (sharded with an index above ``max_shard_size``),
     ``extra_files`` (name -> content, e.g. ``tokenizer.json``) and a model card ``README.md`` to ``path``.
 
     ``training`` adds what the card should report of the run: ``steps``, ``val_loss``, ``corpus``.
+    ``weights_format="fp8"`` stores the linear weights as e4m3 with per-128x128-block inverse scales
+    (DeepSeek-V3 layout, :mod:`zoo.fp8.checkpoint`); the default ``"hp"`` keeps the model's dtype.
     Everything is written under a temporary name first, so a crash never leaves a half-written
     checkpoint at ``path``; an existing checkpoint there is replaced only at the end.
     """
+    if weights_format not in ("hp", "fp8"):
+        raise ValueError(f"weights_format={weights_format!r}; choose 'hp' (high precision) or 'fp8'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        (staging / "config.json").write_text(model.config.to_json())
-        save_torch_state_dict(_untied_state_dict(model), staging, max_shard_size=max_shard_size)
+        config, state_dict = model.config.to_dict(), _untied_state_dict(model)
+        if weights_format == "fp8":
+            from zoo.fp8 import checkpoint as fp8_checkpoint
+
+            state_dict = fp8_checkpoint.quantize_state_dict(state_dict, fp8_checkpoint.quantized_weight_names(model))
+            config["quantization_config"] = fp8_checkpoint.QUANTIZATION_CONFIG
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        save_torch_state_dict(state_dict, staging, max_shard_size=max_shard_size)
         for name, content in (extra_files or {}).items():
             target = staging / name
             target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
@@ -146,7 +156,12 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
 
         zoo_config, state_dict = convert_checkpoint(config, read_state_dict(directory), str(directory))
     else:
+        quantization = config.pop("quantization_config", None)
         zoo_config, state_dict = ZooConfig.from_dict(config), read_state_dict(directory)
+        if quantization is not None:  # fp8 weights (DeepSeek-V3 layout), dequantised for use anywhere
+            from zoo.fp8.checkpoint import dequantize_state_dict
+
+            state_dict = dequantize_state_dict(state_dict, quantization)
     return load_model(zoo_config, state_dict, str(path_or_repo_id), dtype)
 
 

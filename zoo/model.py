@@ -15,6 +15,7 @@ from torch import nn
 from zoo import registry
 from zoo.aux import AuxCollector
 from zoo.config import ConfigError, ZooConfig
+from zoo.fp8.convert import apply_fp8
 from zoo.registry import BlockContext
 
 
@@ -74,6 +75,7 @@ class ZooModel(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=model.init_std)
+        apply_fp8(self, model.fp8)  # FP8 is a transformation of the built model (zoo.fp8)
 
     def hidden_states(self, input_ids: torch.Tensor, aux: AuxCollector, states=None) -> torch.Tensor:
         """The final-norm input ``(B, T, d_model)``; ``states`` is a list of per-layer decoding states."""

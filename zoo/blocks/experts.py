@@ -4,9 +4,12 @@ The routed ``(token, expert)`` pairs are sorted by expert (stable, so ties keep 
 expert's rows are then contiguous and both projections of every expert run as one grouped GEMM
 (``torch._grouped_mm``, which has CPU and Hopper kernels in torch 2.13) with ``offs`` the cumulative
 row counts. The expert outputs are weighted and summed back per token in float32 with ``index_add_``
-over the sorted token ids (deterministic: a serial scatter on CPU). No Python loop over tokens; the
-per-expert loop :func:`naive_experts` is the reference for tests and the fallback where
-``_grouped_mm`` is missing or lacks the dtype (it takes float32, bfloat16 and float16 only).
+over the sorted token ids (deterministic: a serial scatter on CPU). Forward and backward are one
+hand-written autograd node (:class:`_GroupedSwiGLU`, four grouped GEMMs in the backward), which also
+keeps ``_grouped_mm``'s CPU backward away from zero-stride gradients it rejects. No Python loop over
+tokens; a per-expert loop is the fallback where ``_grouped_mm`` is missing or lacks the dtype (it
+takes float32, bfloat16 and float16 only), and :func:`naive_experts` (per-expert masks) is the
+reference the tests hold both to.
 
 Weights use transformers' packed layout: ``gate_up_proj (E, 2 I, d)`` with the gate rows first and
 ``down_proj (E, d, I)``, so ``y = down_proj[e] @ (silu(gate) * up)`` (SwiGLU, Shazeer 2020, Eq. 6).
@@ -52,22 +55,49 @@ def sort_by_expert(indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
     return Sorted(order // k, weights.flatten()[order], counts, torch.cumsum(counts, 0, dtype=torch.int32))
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: ``_grouped_mm``'s CPU
-    backward rejects zero-stride gradients such as the expanded one of ``.sum()``."""
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Gather, both grouped GEMMs, SwiGLU and the weighted float32 scatter-add as one autograd node.
+
+    Forward ``(x (N, d), token (S,), weight (S,), offsets, gate_up (E, 2I, d), down (E, d, I), dtype)
+    -> (N, d)`` float32, GEMMs in ``dtype``. The backward writes the gate and up gradients into one
+    ``(S, 2I)`` buffer and scatters the input gradient with ``index_add_``, which autograd's generic
+    chunk/cat/index_put formulas would each spend a full pass of memory on.
+    """
 
     @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+    def forward(ctx, x, token, weight, offsets, gate_up, down, dtype):
+        gate_up_c, down_c = gate_up.to(dtype), down.to(dtype)
+        rows = x.to(dtype)[token]  # (S, d)
+        h = torch._grouped_mm(rows, gate_up_c.transpose(1, 2), offs=offsets)  # (S, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        silu_gate = F.silu(gate)
+        act = silu_gate * up  # (S, I)
+        y = torch._grouped_mm(act, down_c.transpose(1, 2), offs=offsets)  # (S, d)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        out.index_add_(0, token, torch.mul(y, weight[:, None]))
+        ctx.save_for_backward(token, weight, offsets, gate_up_c, down_c, rows, h, silu_gate, act, y)
+        ctx.x_dtype, ctx.param_dtype = x.dtype, gate_up.dtype
+        return out
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
-
-
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``x (S, in)`` rows grouped by expert times ``weight (E, out, in)`` transposed -> ``(S, out)``."""
-    return _ContiguousGrad.apply(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
+    def backward(ctx, grad_out):
+        token, weight, offsets, gate_up_c, down_c, rows, h, silu_gate, act, y = ctx.saved_tensors
+        grad_rows_out = grad_out[token]  # (S, d) float32
+        grad_weight = torch.linalg.vecdot(grad_rows_out, y.float())
+        grad_y = torch.mul(grad_rows_out, weight[:, None]).to(y.dtype)
+        grad_down = torch._grouped_mm(grad_y.t(), act, offs=offsets)  # (E, d, I)
+        grad_act = torch._grouped_mm(grad_y, down_c, offs=offsets)  # (S, I)
+        gate, up = h.chunk(2, dim=-1)
+        grad_h = torch.empty_like(h)  # (S, 2I): gate gradient in the first half, up in the second
+        grad_gate, grad_up = grad_h.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad_act * up, gate, grad_input=grad_gate)
+        torch.mul(grad_act, silu_gate, out=grad_up)
+        grad_gate_up = torch._grouped_mm(grad_h.t(), rows, offs=offsets)  # (E, 2I, d)
+        grad_rows = torch._grouped_mm(grad_h, gate_up_c, offs=offsets)  # (S, d)
+        grad_x = torch.zeros(grad_out.shape, dtype=torch.float32, device=grad_out.device)
+        grad_x.index_add_(0, token, grad_rows.float())
+        return (grad_x.to(ctx.x_dtype), None, grad_weight, None, grad_gate_up.to(ctx.param_dtype),
+                grad_down.to(ctx.param_dtype), None)
 
 
 class Experts(nn.Module):
@@ -90,18 +120,15 @@ class Experts(nn.Module):
         return (self.gate_up_proj.numel() + self.down_proj.numel()) // self.n_experts
 
     def forward(self, x: torch.Tensor, sorted: Sorted) -> torch.Tensor:
-        gate_up, down = self.gate_up_proj, self.down_proj
-        rows = x[sorted.token]  # (S, d)
+        dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             # _grouped_mm is not on autocast's list: cast as autocast would for a linear layer.
             dtype = torch.get_autocast_dtype(x.device.type)
-            rows, gate_up, down = rows.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if self._use_grouped_mm(rows.dtype):
-            h = grouped_linear(rows, gate_up, sorted.offsets)  # (S, 2 I)
-            gate, up = h.chunk(2, dim=-1)
-            y = grouped_linear(F.silu(gate) * up, down, sorted.offsets)  # (S, d)
-        else:
-            y = _loop_experts(rows, gate_up, down, sorted.counts)
+        if self._use_grouped_mm(dtype):
+            return _GroupedSwiGLU.apply(x, sorted.token, sorted.weight, sorted.offsets, self.gate_up_proj,
+                                        self.down_proj, dtype)
+        rows = x[sorted.token].to(dtype)  # (S, d)
+        y = _loop_experts(rows, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), sorted.counts)
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         return out.index_add_(0, sorted.token, y.to(out.dtype) * sorted.weight[:, None].to(out.dtype))
 

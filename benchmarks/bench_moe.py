@@ -1,0 +1,146 @@
+"""Training throughput of zoo's top-k MoE vs transformers' MixtralForCausalLM, same shapes, same run.
+
+Hidden 256, 4 layers, 8 heads (4 K/V heads), 8 experts top-2 of intermediate 896, vocab 32000, untied
+embeddings, batch 8 x 256: forward + backward + AdamW step under bf16 autocast on CPU. transformers
+runs with its default experts implementation (``grouped_mm``) and its ``eager`` per-expert loop. Each
+repeat times ``--steps`` steps per model, models alternating, so machine load hits all alike; tokens/s
+are medians over repeats. The fraction of the measured bf16 matmul peak counts FLOPs of active
+parameters only: ``6 N_active`` per token (N_active: one token's matmul weights, top-2 experts and the
+LM head included, embeddings excluded) plus attention ``12 L d T``  (PaLM, Chowdhery et al. 2022, App. B).
+
+Run from the repository root: ``python -m benchmarks.bench_moe [--quick] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import zoo
+from benchmarks._common import RESULTS, alternate, matmul_peak_flops, print_table, save, summary
+
+SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2, d_hidden=896,
+             vocab=32000, batch=8, seq=256)
+
+
+def zoo_model(s):
+    return zoo.create_model("dense-tiny", d_model=s["d_model"], n_layers=s["n_layers"], vocab_size=s["vocab"],
+                            max_seq_len=s["seq"], tie_embeddings=False,
+                            mixer={"n_heads": s["n_heads"], "n_kv_heads": s["n_kv_heads"]},
+                            ffn={"type": "moe", "n_experts": s["n_experts"], "top_k": s["top_k"],
+                                 "d_hidden": s["d_hidden"]})
+
+
+def hf_model(s, experts_implementation: str):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=s["vocab"], hidden_size=s["d_model"], intermediate_size=s["d_hidden"],
+                           num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
+                           num_key_value_heads=s["n_kv_heads"], num_local_experts=s["n_experts"],
+                           num_experts_per_tok=s["top_k"], max_position_embeddings=s["seq"], rms_norm_eps=1e-6,
+                           tie_word_embeddings=False, router_aux_loss_coef=0.0, output_router_logits=False)
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = experts_implementation
+    return MixtralForCausalLM(config)
+
+
+def active_matmul_params(model: torch.nn.Module, s) -> int:
+    """One token's matmul weights: Linear layers (router, attention, head, dense FFNs) + top-k experts."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    router = sum(m.weight.numel() for m in model.modules() if type(m).__name__.endswith(("Router", "TopKRouter")))
+    expert = 3 * s["d_model"] * s["d_hidden"]
+    return linear + router + s["n_layers"] * s["top_k"] * expert
+
+
+def stepper(model, s, steps: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up: allocator, optimizer state
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * ids.numel() / (time.perf_counter() - start)
+
+    run.step = step
+    return run
+
+
+def profile(runs: dict) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, run in runs.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run.step()
+        print(f"\n{name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["tokens_per_sec"])
+    medians = [results["tokens_per_sec"][n]["median"] for n in names]
+    lows = [m - results["tokens_per_sec"][n]["min"] for n, m in zip(names, medians)]
+    highs = [results["tokens_per_sec"][n]["max"] - m for n, m in zip(names, medians)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, medians, yerr=[lows, highs], capsize=4, color=["tab:green", "tab:blue", "tab:gray"])
+    for i, m in enumerate(medians):
+        ax.text(i, m, f"{m:,.0f}", ha="center", va="bottom")
+    ax.set_ylabel("training tokens/s (median, min-max)")
+    ax.set_title("MoE training step, bf16 autocast, CPU\n(d 256, 4 layers, 8 experts top-2, vocab 32k, 8x256)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 repeats of 1 step")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
+    args = parser.parse_args()
+    repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
+    s = SHAPE
+    torch.manual_seed(0)
+    models = {"zoo": zoo_model(s), "transformers grouped_mm": hf_model(s, "grouped_mm"),
+              "transformers eager": hf_model(s, "eager")}
+    runs = {name: stepper(model, s, steps) for name, model in models.items()}
+    if args.profile:
+        profile(runs)
+    peak = matmul_peak_flops()
+    timings = alternate(runs, repeats)
+    peak = (peak + matmul_peak_flops()) / 2  # before and after, as load drifts
+    flops = {name: 6 * active_matmul_params(m, s) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
+             for name, m in models.items()}
+    tps = {name: summary(t) for name, t in timings.items()}
+    base = tps["transformers grouped_mm"]["median"]
+    rows = [[name, t["median"], t["median"] / base, t["median"] * flops[name] / peak] for name, t in tps.items()]
+    print(f"bf16 matmul peak: {peak / 1e9:,.0f} GFLOP/s; FLOPs/token (active): {flops['zoo'] / 1e6:,.1f} M")
+    print_table(["model", "tokens/s", "vs transformers grouped_mm", "frac. of bf16 peak"], rows)
+    params = {"total": models["zoo"].num_parameters(), "active": models["zoo"].num_parameters(active=True)}
+    results = {"shape": s, "bf16_matmul_peak_flops": peak, "flops_per_token": flops, "repeats": repeats,
+               "steps_per_repeat": steps, "quick": args.quick, "zoo_parameters": params, "tokens_per_sec": tps,
+               "speedup_vs_transformers_grouped_mm": tps["zoo"]["median"] / base,
+               "speedup_vs_transformers_eager": tps["zoo"]["median"] / tps["transformers eager"]["median"],
+               "fraction_of_peak": {row[0]: row[3] for row in rows}}
+    path = save("moe", results)
+    plot(results, RESULTS / "moe.png")
+    print(f"wrote {path} and {RESULTS / 'moe.png'}")
+
+
+if __name__ == "__main__":
+    main()
