@@ -86,6 +86,7 @@ class DataConfig:
     seq_len: int = 256
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.02
+    split_seed: int = 0  # seeds the document-level train/validation split
     num_workers: int = 0
 
 
@@ -113,6 +114,7 @@ class TrainerConfig:
     strategy: str = "auto"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer keyword arguments
 
 
 @dataclass
@@ -124,6 +126,8 @@ class TrainConfig:
     val_check_interval: int = 200
     val_batches: int = 20
     checkpoint_every: int = 200
+    log_every: int = 10  # optimizer steps between train/* metric rows
+    sample_tokens: int = 200  # length of the sample generated at the end (0: none)
     out_dir: str | None = None
     resume: bool | str = False
     skip_nonfinite: bool = False
@@ -207,7 +211,7 @@ def _read_raw(source) -> tuple[dict, str | None]:
     if isinstance(source, Mapping):
         return _deep_copy(source), None
     path = Path(source)
-    if not path.exists() and path.suffix == "":
+    if not path.exists() and path.suffix not in (".yaml", ".yml", ".json"):  # a preset name ("retnet-1.3b")
         path = presets_dir() / f"{source}.yaml"
         if not path.exists():
             close = difflib.get_close_matches(str(source), list_presets(), n=3)
@@ -251,8 +255,12 @@ def apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] | No
                 node[part] = {}
             node = node[part]
         last = _existing_key(node, parts[-1])
-        if isinstance(value, Mapping) and isinstance(node.get(last), dict):
-            node[last] = {**node[last], **value}
+        current = node.get(last)
+        # A mapping merges over the block it overrides, unless it names another type (which starts
+        # from that block's defaults, as per-layer overrides do).
+        if (isinstance(value, Mapping) and isinstance(current, dict)
+                and value.get("type", current.get("type")) == current.get("type")):
+            node[last] = {**current, **value}
         else:
             node[last] = value
     return raw
@@ -425,7 +433,7 @@ def validate(config: ZooConfig) -> None:
             _prefixed(path, check, model)
     train = config.train
     _prefixed("train", require_positive, train, "batch_size", "max_steps", "val_check_interval",
-              "checkpoint_every", "val_batches")
+              "checkpoint_every", "val_batches", "log_every")
     _prefixed("train.data", require_positive, train.data, "seq_len", "bpe_vocab_size")
     if not 0.0 < train.data.val_fraction < 1.0:
         raise ConfigError(f"train.data.val_fraction must be in (0, 1), got {train.data.val_fraction}")

@@ -15,4 +15,4 @@ tensor over data-parallel ranks (the identity on one process). Blocks update non
 e.g. the loss-free balancing bias of a MoE layer from the expert loads it counted since the last step.
 """
 
-from zoo.blocks import attention, mlp, moe, norm  # noqa: F401
+from zoo.blocks import attention, mlp, moe, norm, retention  # noqa: F401

@@ -1,0 +1,266 @@
+"""Training: a tiny end-to-end run, exact resume, non-finite losses, DDP on CPU, the train.py CLI."""
+
+import csv
+import importlib.util
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+import zoo
+from zoo.config import ConfigError
+from zoo.tokenizer import HFTokenizer
+from zoo.training import lr_factor, max_violation, param_groups, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model.vocab_size": None, "model.d_model": 32, "model.n_layers": 1, "model.max_seq_len": 64,
+    "model.mixer": {"n_heads": 4, "n_kv_heads": 2}, "model.ffn": {"type": "mlp", "d_hidden": 64},
+    "train.data": {"corpus": "pydoc-topics", "tokenizer": "bytes", "seq_len": 32},
+    "train.batch_size": 8, "train.val_batches": 2, "train.log_every": 1, "train.sample_tokens": 8,
+    "train.precision": "32-true", "train.schedule": {"warmup_steps": 2},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZOO_CACHE", str(tmp_path_factory.mktemp("zoo-cache")))
+    yield
+    mp.undo()
+
+
+def tiny_config(out_dir, **overrides):
+    return zoo.load_config("dense-tiny", {**TINY, "train.out_dir": str(out_dir), **overrides})
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(Path(out_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def column(rows, name) -> dict[int, float]:
+    return {int(r["step"]): float(r[name]) for r in rows if r.get(name)}
+
+
+def test_tiny_run_logs_learns_and_exports(tmp_path):
+    config = tiny_config(tmp_path, **{"train.max_steps": 30, "train.val_check_interval": 10,
+                                      "train.checkpoint_every": 10, "model.d_model": 64})
+    result = train(config)
+    assert config.model.vocab_size == 257  # followed the bytes tokenizer
+    rows = read_metrics(tmp_path)
+    for name in ("train/loss", "train/lm_loss", "train/aux_loss", "train/mtp_loss", "train/lr",
+                 "train/tokens_per_sec", "val/loss", "val/ppl"):
+        assert name in rows[0], name
+    val = column(rows, "val/loss")
+    assert sorted(val) == [10, 20, 30] and val[30] < val[10] < math.log(257)
+    assert column(rows, "val/ppl")[30] == pytest.approx(math.exp(val[30]))
+    assert result.val_loss == pytest.approx(val[30]) and result.steps == 30 and result.sample
+    assert sorted(column(rows, "train/loss")) == list(range(1, 31))
+    assert (tmp_path / "loss.png").stat().st_size > 0 and not (tmp_path / "expert_load.png").exists()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
+
+    loaded = zoo.from_pretrained(tmp_path / "final")
+    ids = torch.randint(0, 257, (2, 16))
+    torch.testing.assert_close(loaded(ids).logits, result.module.model(ids).logits, rtol=0, atol=0)
+    tokenizer = HFTokenizer.from_file(tmp_path / "final" / "tokenizer.json")
+    assert tokenizer.encode("x = 1") == list(b"x = 1")
+
+
+class _SignalAt(Callback):
+    """Sends this process SIGINT (what Ctrl-C does) during optimizer step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step - 1 and batch_idx % trainer.accumulate_grad_batches == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
+    common = {"train.max_steps": 8, "train.val_check_interval": 3, "train.checkpoint_every": 100,
+              "train.trainer.accumulate_grad_batches": 2, "train.batch_size": 4}
+    full = train(tiny_config(tmp_path / "full", **common))
+
+    stopped = train(tiny_config(tmp_path / "split", **common), callbacks=[_SignalAt(5)])
+    assert stopped.interrupted and stopped.steps == 5
+    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert not (tmp_path / "split" / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    resumed = train(tiny_config(tmp_path / "split", **common, **{"train.resume": True}))
+    assert resumed.steps == 8 and not resumed.interrupted
+    losses_full = column(read_metrics(tmp_path / "full"), "train/loss")
+    losses_split = column(read_metrics(tmp_path / "split"), "train/loss")
+    assert sorted(losses_split) == list(range(1, 9))
+    for step in range(1, 9):
+        assert losses_split[step] == pytest.approx(losses_full[step], abs=1e-6), step
+    a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("full", "split"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+class _NaNLossAt(Callback):
+    """Makes the model's loss NaN for the batches of optimizer step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        model = pl_module.model
+        model.__dict__.pop("forward", None)
+        if trainer.global_step == self.step - 1:
+            forward = type(model).forward
+
+            def nan_forward(*args, **kwargs):
+                out = forward(model, *args, **kwargs)
+                out.loss = out.loss * float("nan")
+                return out
+
+            model.forward = nan_forward
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path, **{"train.max_steps": 6, "train.checkpoint_every": 1})
+    with pytest.raises(FloatingPointError, match="step 4"):
+        train(config, callbacks=[_NaNLossAt(4)])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_nonfinite_loss_skipped_when_asked(tmp_path):
+    config = tiny_config(tmp_path, **{"train.max_steps": 5, "train.skip_nonfinite": True})
+    result = train(config, callbacks=[_NaNLossAt(3)])
+    assert result.steps == 5 and result.module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in result.module.model.parameters())
+
+
+def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
+    common = {"train.max_steps": 3, "train.val_check_interval": 3, "train.checkpoint_every": 3}
+    single = train(tiny_config(tmp_path / "one", **common))
+    overrides = [f"{k}={v}" for k, v in {"train.out_dir": tmp_path / "two", "train.batch_size": 4,
+                                         "train.trainer.devices": 2, "train.trainer.strategy": "ddp"}.items()]
+    flat = [f"{k}={v if not isinstance(v, dict) else _flow(v)}" for k, v in {**TINY, **common}.items()
+            if k != "model.vocab_size"]
+    proc = subprocess.run([sys.executable, "train.py", "--config", "dense-tiny", "model.vocab_size=null", *flat,
+                           *overrides], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
+    assert column(two, "train/loss")[3] == pytest.approx(column(read_metrics(tmp_path / "one"), "train/loss")[3],
+                                                         abs=1e-5)
+    assert column(two, "val/loss")[3] == pytest.approx(single.val_loss, abs=1e-5)
+    a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+def _flow(mapping: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
+
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("zoo_train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_cli_print_config_and_bad_override(capsys):
+    main = _cli()
+    assert main(["--config", "dense-tiny", "--print-config", "model.n_layers=2", "train.optimizer.lr=1e-3"]) == 0
+    printed = zoo.ZooConfig.from_dict(__import__("yaml").safe_load(capsys.readouterr().out))
+    assert printed.model.n_layers == 2 and printed.train.optimizer.lr == 1e-3
+    assert main(["--config", "dense-tiny", "model.n_layrs=2"]) == 2
+    assert "n_layers" in capsys.readouterr().err
+    assert main(["--config", "dense-tiny", "train.data.seq_len=1024"]) == 2  # > model.max_seq_len
+    assert "max_seq_len" in capsys.readouterr().err
+    assert main(["--config", "dense-tiny", "train.resume=/nonexistent.ckpt"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_vocab_smaller_than_tokenizer_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train(tiny_config(tmp_path, **{"model.vocab_size": 200}))
+
+
+def test_schedule_groups_and_maxvio():
+    assert [lr_factor(s, 2, 10, 0.1) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 2, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 2, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(6, 2, 10, 0.1) == pytest.approx(0.55)
+    model = zoo.create_model("dense-tiny", **{"n_layers": 1, "d_model": 32, "vocab_size": 257,
+                                              "mixer": {"n_heads": 4, "n_kv_heads": 2}})
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.ndim >= 2 for p in decay["params"]) and model.embed.weight in no_decay["params"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert max_violation(torch.tensor([[1.0, 1.0], [3.0, 1.0]])).item() == pytest.approx(0.25)
+
+
+@pytest.fixture
+def counting_ffn():
+    """A toy top-1 routed FFN that reports loads, a metric and an aux loss, and records its
+    ``on_optimizer_step`` calls (the contract the MoE blocks rely on)."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from zoo import registry
+
+    @dataclass
+    class Config:
+        n_experts: int = 4
+        d_hidden: int = 0  # unused; lets the test config merge over the MLP defaults
+
+    class CountingFFN(nn.Module):
+        def __init__(self, config, ctx):
+            super().__init__()
+            self.router = nn.Linear(ctx.d_model, config.n_experts, bias=False)
+            self.experts = nn.Linear(ctx.d_model, ctx.d_model * config.n_experts, bias=False)
+            self.register_buffer("load", torch.zeros(config.n_experts), persistent=False)
+            self.step_loads = []
+
+        def forward(self, x, aux):
+            choice = self.router(x).argmax(-1)  # (B, T)
+            counts = torch.bincount(choice.flatten(), minlength=self.load.numel()).float()
+            if self.training:
+                self.load += counts
+            aux.add_router_stats(counts)
+            aux.add_metric("drop_fraction", torch.tensor(0.25))
+            aux.add_loss("balance", 0.01 * self.router(x).float().pow(2).mean())
+            y = self.experts(x).unflatten(-1, (self.load.numel(), -1))  # (B, T, E, d)
+            return torch.gather(y, 2, choice[..., None, None].expand(*choice.shape, 1, x.shape[-1]))[:, :, 0]
+
+        def on_optimizer_step(self, all_reduce):
+            self.step_loads.append(all_reduce(self.load).clone())
+            self.load.zero_()
+
+    registry.register("ffn", "_counting_test_ffn", config=Config)(CountingFFN)
+    yield "_counting_test_ffn"
+    registry.unregister("ffn", "_counting_test_ffn")
+
+
+def test_post_step_hook_and_router_metrics(tmp_path, counting_ffn):
+    config = tiny_config(tmp_path, **{"model.ffn": {"type": counting_ffn, "n_experts": 4}, "train.max_steps": 4,
+                                      "train.val_check_interval": 4, "train.batch_size": 4,
+                                      "train.trainer.accumulate_grad_batches": 2})
+    result = train(config)
+    ffn = result.module.model.blocks[0].ffn
+    assert len(ffn.step_loads) == 4  # once per optimizer step, after the whole accumulated batch
+    assert all(load.sum().item() == 2 * 4 * 32 for load in ffn.step_loads)
+    rows = read_metrics(tmp_path)
+    assert column(rows, "train/drop_fraction")[4] == pytest.approx(0.25)
+    assert column(rows, "train/aux_loss")[4] > 0
+    assert set(column(rows, "train/maxvio")) == {1, 2, 3, 4} and 4 in column(rows, "val/maxvio")
+    load = result.module.val_expert_load
+    assert load.shape == (1, 4) and load.sum().item() == pytest.approx(1.0)
+    assert column(rows, "val/maxvio")[4] == pytest.approx(max_violation(load).item())
+    assert (tmp_path / "expert_load.png").stat().st_size > 0

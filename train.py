@@ -1,0 +1,43 @@
+"""Train a zoo model: ``python train.py --config PRESET_OR_YAML [dotted.key=value ...]``.
+
+Examples::
+
+    python train.py --config dense-tiny
+    python train.py --config dense-tiny train.max_steps=50 train.data.corpus=pydoc-topics
+    python train.py --config dense-tiny --print-config
+    python train.py --config dense-tiny train.out_dir=runs/a train.resume=true
+    python train.py --config dense-tiny train.trainer.devices=2 train.trainer.strategy=ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a preset name (see zoo_configs/) or a YAML/JSON path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.n_layers=2")
+    args = parser.parse_args(argv)
+
+    from zoo.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config.to_yaml(), end="")
+            return 0
+        from zoo.training import check_config, train
+
+        check_config(config)
+        result = train(config)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 130 if result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
