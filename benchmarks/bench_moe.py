@@ -5,9 +5,10 @@ embeddings, batch 8 x 256: forward + backward + AdamW step under bf16 autocast o
 runs with its default experts implementation (``grouped_mm``) and its ``eager`` per-expert loop. Each
 repeat times ``--steps`` steps per model, models alternating, so machine load hits all alike; tokens/s
 are medians over repeats. A second table times the MoE block alone (forward + backward of one layer's
-experts and router on the same 8 x 256 tokens), where the dispatch is all that differs. The fraction of the measured bf16 matmul peak counts FLOPs of active
-parameters only: ``6 N_active`` per token (N_active: one token's matmul weights, top-2 experts and the
-LM head included, embeddings excluded) plus attention ``12 L d T``  (PaLM, Chowdhery et al. 2022, App. B).
+experts and router on the same 8 x 256 tokens), where the dispatch is all that differs. The fraction
+of the measured bf16 matmul peak counts FLOPs of active parameters only: ``6 N_active`` per token
+(N_active: one token's matmul weights, top-2 experts and the LM head included, embeddings excluded) plus
+attention ``12 L d T`` (PaLM, Chowdhery et al. 2022, App. B).
 
 Run from the repository root: ``python -m benchmarks.bench_moe [--quick] [--profile] [--threads N]``.
 """
