@@ -29,13 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config.to_yaml(), end="")
             return 0
-        from zoo.training import check_config, train
+        from zoo.training import train
 
-        check_config(config)
         result = train(config)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a non-finite loss or weights; the last good checkpoint is kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 130 if result.interrupted else 0
 
 

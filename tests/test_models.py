@@ -19,7 +19,7 @@ def preset_config(name: str) -> ZooConfig:
     config = zoo.load_config(name)
     if not name.endswith("-tiny"):
         keep = max([1, *(i + 1 for i in config.model.layers)])
-        config = zoo.load_config(name, {"model.n_layers": max(2, keep)})
+        config = zoo.load_config(name, {"model.n_layers": max(2, keep), "model.vocab_size": 257})
     if config.model.vocab_size is None:
         config = zoo.load_config(config, {"model.vocab_size": 257})
     return config

@@ -317,8 +317,8 @@ class RunControl(Callback):
 
     def save(self, trainer) -> None:
         """Write ``last.ckpt`` under a temporary name, then rename it; refuse non-finite weights."""
-        finite = torch.tensor(float(all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())))
-        if not trainer.strategy.reduce_boolean_decision(bool(finite), all=True):
+        finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise FloatingPointError(f"non-finite weights at step {trainer.global_step}; "
                                      f"{self.last_checkpoint} keeps the last good state")
         tmp = self.checkpoint_dir / f".last.ckpt.tmp-{os.getpid()}"
@@ -533,8 +533,10 @@ def plot_expert_load(load: torch.Tensor, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * load.shape[1] + 2), max(2.5, 0.4 * load.shape[0] + 1.5)))
     image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis")
+    ax.set_yticks(range(load.shape[0]))
+    ax.set_xticks(range(0, load.shape[1], max(1, load.shape[1] // 16)))
     ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
+    ax.set_ylabel("MoE layer (in model order)")
     ax.set_title(f"validation load fraction (uniform = {1 / load.shape[1]:.3f}); MaxVio {max_violation(load).item():.3f}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

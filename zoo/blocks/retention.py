@@ -4,17 +4,18 @@ Per head ``h``: ``Q = (X W_Q) ⊙ Θ``, ``K = (X W_K) ⊙ Θ̄`` (Eq. 3: rotary 
 xPos-style rotation, here :class:`zoo.blocks.rope.RotaryEmbedding`), ``V = X W_V`` with a value width
 ``value_factor * d_model`` (2 in the paper), and ``retention(X) = (Q K^T ⊙ D) V`` with
 ``D[n, m] = gamma_h^(n - m)`` (Eq. 5). Heads decay at different rates (Eq. 8): ``gamma_h = 1 - 2^(-5-h)``
-(``decay: power2``) or, as in the paper's released LM code, ``1 - exp(linspace(log 1/32, log 1/512, H))``
-(``decay: loglinear``). Outputs are normalised per head (GroupNorm as in Eq. 8, or RMSNorm), gated by
+(``decay: power2``) or the paper's LM variant (as in its released code)
+``1 - exp(linspace(log 1/32, log 1/512, H))`` (``decay: loglinear``). Outputs are normalised per head (GroupNorm as in Eq. 8, or RMSNorm), gated by
 ``swish(X W_G)`` and projected back: ``MSR(X) = (swish(X W_G) ⊙ Y) W_O`` (Eq. 8).
 
 The three forms of :mod:`zoo.blocks.retention_ops` compute the same function, so ``mode`` is a speed
 choice: ``parallel`` (Eq. 5, O(T^2) memory), ``chunkwise`` (Eq. 7, O(T * chunk_size)), and ``auto``
 (parallel up to ``AUTO_PARALLEL_MAX_LEN`` tokens, chunkwise beyond; measured with
 ``python -m benchmarks.bench_retention``: see the constant). Keys are scaled by ``1/sqrt(Dk)``; the
-paper's score normalisations (§2.2, "Normalization") are omitted: they rescale each head's output
-uniformly, which the per-head norm undoes up to its eps, and leaving them out lets every form feed the
-norm the identical values (so eps cannot break parallel/recurrent parity).
+paper's further normalisations of D and of the retention scores (§2.2) are omitted: each rescales a
+head's output at each position by a positive factor, which the per-head, per-position norm undoes up to
+its eps, and leaving them out lets every form feed the norm identical values (so eps cannot break
+parallel/recurrent parity, the pitfall DESIGN §8 records).
 
 Decoding (``forward(x, state)``): ``T == 1`` uses the recurrent form (Eq. 6), ``T > 1`` (prefill,
 speculative verification) the chunkwise form started from the state. The state holds one float32
@@ -36,9 +37,11 @@ from zoo.blocks.rope import RotaryEmbedding
 from zoo.config import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
-# Longest sequence for which ``mode: auto`` uses the parallel form (without a state). Measured by
-# benchmarks/bench_retention.py (forward + backward, bf16 autocast, retnet-tiny shape, 2 CPU cores).
-AUTO_PARALLEL_MAX_LEN = 128
+# Longest sequence for which ``mode: auto`` uses the parallel form. Measured with
+# ``python -m benchmarks.bench_retention --threads 1`` (one mixer of the retnet-tiny shape, batch 1, bf16
+# autocast, forward + backward, shared CPU): chunkwise / parallel time 1.30x at T=128, 1.06x at 256,
+# 0.71x at 512, 0.20x at 2048, 0.043x at 8192.
+AUTO_PARALLEL_MAX_LEN = 256
 
 
 @dataclass
@@ -118,6 +121,7 @@ class MultiScaleRetention(nn.Module):
         self.rope = RotaryEmbedding(self.key_dim, config.rope_theta)
         # Kept as Python floats, not a buffer: model.to(bfloat16) would round 1 - 2^-9 to 1.
         self.log_decays = head_log_decays(config.n_heads, config.decay)
+        self._log_gamma_cache: dict[tuple, torch.Tensor] = {}
         nn.init.normal_(self.proj.weight, std=ctx.init_std)
         nn.init.normal_(self.out.weight, std=ctx.residual_init_std)
 
@@ -140,7 +144,7 @@ class MultiScaleRetention(nn.Module):
 
     def _retain(self, q, k, v, state: RetentionState | None) -> torch.Tensor:
         T = q.shape[2]
-        log_gamma = torch.tensor(self.log_decays, device=q.device, dtype=state_dtype(q.dtype))
+        log_gamma = self._log_gamma(q.device, state_dtype(q.dtype))
         short = self.mode == "parallel" or (self.mode == "auto" and T <= AUTO_PARALLEL_MAX_LEN)
         if state is None:
             if short:
@@ -154,11 +158,18 @@ class MultiScaleRetention(nn.Module):
         state.length += T
         return y
 
+    def _log_gamma(self, device, dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._log_gamma_cache:
+            self._log_gamma_cache[key] = torch.tensor(self.log_decays, device=device, dtype=dtype)
+        return self._log_gamma_cache[key]
+
     def _head_norm(self, y: torch.Tensor) -> torch.Tensor:
         """Normalise ``(B, T, H, Dv)`` per head in float32 (float64 stays), affine; ``-> (B, T, H * Dv)``."""
+        B, T, H, Dv = y.shape
         y = y.to(state_dtype(y.dtype))
-        if self.norm_type == "groupnorm":
-            y = y - y.mean(-1, keepdim=True)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = y.flatten(-2) * self.norm_weight.to(y.dtype)
-        return y + self.norm_bias.to(y.dtype) if self.norm_bias is not None else y
+        weight = self.norm_weight.to(y.dtype)
+        if self.norm_bias is None:
+            return F.rms_norm(y, (Dv,), eps=self.norm_eps).flatten(-2) * weight
+        y = F.group_norm(y.reshape(B * T, H * Dv), H, weight, self.norm_bias.to(y.dtype), self.norm_eps)
+        return y.view(B, T, H * Dv)
