@@ -4,11 +4,13 @@ Hidden 256, 4 layers, 8 heads (4 K/V heads), 8 experts top-2 of intermediate 896
 embeddings, batch 8 x 256: forward + backward + AdamW step under bf16 autocast on CPU. transformers
 runs with its default experts implementation (``grouped_mm``) and its ``eager`` per-expert loop. Each
 repeat times ``--steps`` steps per model, models alternating, so machine load hits all alike; tokens/s
-are medians over repeats. The fraction of the measured bf16 matmul peak counts FLOPs of active
-parameters only: ``6 N_active`` per token (N_active: one token's matmul weights, top-2 experts and the
-LM head included, embeddings excluded) plus attention ``12 L d T``  (PaLM, Chowdhery et al. 2022, App. B).
+are medians over repeats. A second table times the MoE block alone (forward + backward of one layer's
+experts and router on the same 8 x 256 tokens), where the dispatch is all that differs. The fraction
+of the measured bf16 matmul peak counts FLOPs of active parameters only: ``6 N_active`` per token
+(N_active: one token's matmul weights, top-2 experts and the LM head included, embeddings excluded) plus
+attention ``12 L d T`` (PaLM, Chowdhery et al. 2022, App. B).
 
-Run from the repository root: ``python -m benchmarks.bench_moe [--quick] [--profile]``.
+Run from the repository root: ``python -m benchmarks.bench_moe [--quick] [--profile] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,27 @@ def stepper(model, s, steps: int):
     return run
 
 
+def layer_stepper(block, s, steps: int, zoo_block: bool):
+    from zoo.aux import AuxCollector
+
+    x = torch.randn(s["batch"], s["seq"], s["d_model"], requires_grad=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = block(x, AuxCollector()) if zoo_block else block(x)
+        y.float().square().mean().backward()
+
+    step()
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * s["batch"] * s["seq"] / (time.perf_counter() - start)
+
+    return run
+
+
 def profile(runs: dict) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -92,16 +115,21 @@ def plot(results: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["tokens_per_sec"])
-    medians = [results["tokens_per_sec"][n]["median"] for n in names]
-    lows = [m - results["tokens_per_sec"][n]["min"] for n, m in zip(names, medians)]
-    highs = [results["tokens_per_sec"][n]["max"] - m for n, m in zip(names, medians)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, medians, yerr=[lows, highs], capsize=4, color=["tab:green", "tab:blue", "tab:gray"])
-    for i, m in enumerate(medians):
-        ax.text(i, m, f"{m:,.0f}", ha="center", va="bottom")
-    ax.set_ylabel("training tokens/s (median, min-max)")
-    ax.set_title("MoE training step, bf16 autocast, CPU\n(d 256, 4 layers, 8 experts top-2, vocab 32k, 8x256)")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = [("tokens_per_sec", "whole training step"), ("moe_block_tokens_per_sec", "MoE block alone (fwd + bwd)")]
+    for ax, (key, title) in zip(axes, panels):
+        names = list(results[key])
+        medians = [results[key][n]["median"] for n in names]
+        errors = [[m - results[key][n]["min"] for n, m in zip(names, medians)],
+                  [results[key][n]["max"] - m for n, m in zip(names, medians)]]
+        ax.bar([n.replace("transformers ", "transformers\n") for n in names], medians, yerr=errors, capsize=4,
+               color=["tab:green", "tab:blue", "tab:gray"])
+        for i, m in enumerate(medians):
+            ax.text(i + 0.05, m, f"{m:,.0f}", ha="left", va="bottom")
+        ax.set_ylabel("tokens/s (median, min-max)")
+        ax.set_title(title)
+    fig.suptitle(f"MoE training, bf16 autocast, CPU ({results['threads']} thread(s)); d 256, 4 layers, "
+                 f"8 experts top-2, vocab 32k, batch 8x256")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -112,7 +140,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier on a machine shared with other jobs")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
     s = SHAPE
     torch.manual_seed(0)
@@ -126,17 +158,28 @@ def main() -> None:
     peak = (peak + matmul_peak_flops()) / 2  # before and after, as load drifts
     flops = {name: 6 * active_matmul_params(m, s) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
              for name, m in models.items()}
+    layer_runs = {name: layer_stepper(m.blocks[0].ffn if name == "zoo" else m.model.layers[0].mlp, s, 4 * steps,
+                                      name == "zoo") for name, m in models.items()}
+    layer_tps = {name: summary(t) for name, t in alternate(layer_runs, repeats).items()}
     tps = {name: summary(t) for name, t in timings.items()}
     base = tps["transformers grouped_mm"]["median"]
     rows = [[name, t["median"], t["median"] / base, t["median"] * flops[name] / peak] for name, t in tps.items()]
     print(f"bf16 matmul peak: {peak / 1e9:,.0f} GFLOP/s; FLOPs/token (active): {flops['zoo'] / 1e6:,.1f} M")
     print_table(["model", "tokens/s", "vs transformers grouped_mm", "frac. of bf16 peak"], rows)
+    layer_base = layer_tps["transformers grouped_mm"]["median"]
+    print("\nMoE block alone (router + experts, forward + backward):")
+    print_table(["block", "tokens/s", "vs transformers grouped_mm"],
+                [[name, t["median"], t["median"] / layer_base] for name, t in layer_tps.items()])
     params = {"total": models["zoo"].num_parameters(), "active": models["zoo"].num_parameters(active=True)}
     results = {"shape": s, "bf16_matmul_peak_flops": peak, "flops_per_token": flops, "repeats": repeats,
-               "steps_per_repeat": steps, "quick": args.quick, "zoo_parameters": params, "tokens_per_sec": tps,
+               "steps_per_repeat": steps, "quick": args.quick,
+               "threads": torch.get_num_threads(), "zoo_parameters": params, "tokens_per_sec": tps,
                "speedup_vs_transformers_grouped_mm": tps["zoo"]["median"] / base,
                "speedup_vs_transformers_eager": tps["zoo"]["median"] / tps["transformers eager"]["median"],
-               "fraction_of_peak": {row[0]: row[3] for row in rows}}
+               "fraction_of_peak": {row[0]: row[3] for row in rows}, "moe_block_tokens_per_sec": layer_tps,
+               "moe_block_speedup_vs_transformers_grouped_mm": layer_tps["zoo"]["median"] / layer_base,
+               "moe_block_speedup_vs_transformers_eager":
+                   layer_tps["zoo"]["median"] / layer_tps["transformers eager"]["median"]}
     path = save("moe", results)
     plot(results, RESULTS / "moe.png")
     print(f"wrote {path} and {RESULTS / 'moe.png'}")

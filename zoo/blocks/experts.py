@@ -103,7 +103,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 class Experts(nn.Module):
     """``n_experts`` SwiGLU experts ``d_model -> d_hidden -> d_model`` stored as packed tensors.
 
-    ``forward(x (N, d), sorted) -> (N, d)`` float32: ``sum_k weight_k * expert_k(x)`` over each token's
+    ``forward(x (N, d), pairs) -> (N, d)`` float32: ``sum_k weight_k * expert_k(x)`` over each token's
     routed experts (zero for a token routed nowhere, e.g. dropped by capacity).
     """
 
@@ -119,18 +119,18 @@ class Experts(nn.Module):
     def params_per_expert(self) -> int:
         return (self.gate_up_proj.numel() + self.down_proj.numel()) // self.n_experts
 
-    def forward(self, x: torch.Tensor, sorted: Sorted) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pairs: Sorted) -> torch.Tensor:
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             # _grouped_mm is not on autocast's list: cast as autocast would for a linear layer.
             dtype = torch.get_autocast_dtype(x.device.type)
         if self._use_grouped_mm(dtype):
-            return _GroupedSwiGLU.apply(x, sorted.token, sorted.weight, sorted.offsets, self.gate_up_proj,
+            return _GroupedSwiGLU.apply(x, pairs.token, pairs.weight, pairs.offsets, self.gate_up_proj,
                                         self.down_proj, dtype)
-        rows = x[sorted.token].to(dtype)  # (S, d)
-        y = _loop_experts(rows, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), sorted.counts)
+        rows = x[pairs.token].to(dtype)  # (S, d)
+        y = _loop_experts(rows, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), pairs.counts)
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        return out.index_add_(0, sorted.token, y.to(out.dtype) * sorted.weight[:, None].to(out.dtype))
+        return out.index_add_(0, pairs.token, y.to(out.dtype) * pairs.weight[:, None].to(out.dtype))
 
     def _use_grouped_mm(self, dtype: torch.dtype) -> bool:
         available = hasattr(torch, "_grouped_mm") and dtype in GROUPED_MM_DTYPES

@@ -130,23 +130,23 @@ class MoE(nn.Module):
         capacity = None
         if self.training and self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * B * T * k / E)
-        sorted = sort_by_expert(routing.indices, routing.weights, E, capacity)
-        out = self.experts(flat, sorted)  # (B T, d) float32
+        pairs = sort_by_expert(routing.indices, routing.weights, E, capacity)
+        out = self.experts(flat, pairs)  # (B T, d) float32
         if self.shared is not None:
             shared = self.shared(flat)
             if self.shared_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_gate(flat))
             out = out + shared
         if aux is not None:
-            self._report(aux, routing, sorted, B, T, capacity)
+            self._report(aux, routing, pairs, B, T, capacity)
         return out.to(x.dtype).reshape(B, T, d)
 
-    def _report(self, aux: AuxCollector, routing, sorted, B: int, T: int, capacity: int | None) -> None:
+    def _report(self, aux: AuxCollector, routing, pairs, B: int, T: int, capacity: int | None) -> None:
         config, E = self.config, self.config.n_experts
         routed = torch.bincount(routing.indices.flatten(), minlength=E)
         aux.add_router_stats(routed)
         if capacity is not None:
-            dropped = 1 - sorted.token.numel() / routing.indices.numel()
+            dropped = 1 - pairs.token.numel() / routing.indices.numel()
             aux.add_metric("dropped_fraction", torch.tensor(dropped, device=routed.device))
         if not self.training:
             return
@@ -167,9 +167,6 @@ class MoE(nn.Module):
 @register("ffn", "moe", config=MoEConfig)
 class TopKMoE(MoE):
     """Dropless top-k MoE with optional shared experts (DeepSeekMoE / DeepSeek-V3 / Mixtral / Qwen2-MoE)."""
-
-    def __init__(self, config: MoEConfig, ctx: BlockContext):
-        super().__init__(config, ctx)
 
 
 @register("ffn", "switch", config=SwitchConfig)
