@@ -173,7 +173,7 @@ def run_client(script: str, hub: HubServer, hf_home: Path, **env) -> str:
     environment.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_TOKEN=hub.token,
                        HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1",
                        OMP_NUM_THREADS="1", **env)
-    prelude = textwrap.dedent(f"""
+    prelude = textwrap.dedent("""
         import torch, zoo
         from test_hub import TINY, assert_same_model, tiny_model
         torch.manual_seed(0)
