@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from zoo.blocks.router import max_violation
 from zoo.config import ConfigError, ZooConfig
 from zoo.data import ZooDataModule
 from zoo.factory import build_model
@@ -65,14 +66,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float)
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def max_violation(counts: torch.Tensor) -> torch.Tensor:
-    """MaxVio (Wang et al. 2024, arXiv 2408.15664 §4.1): ``(max_i load_i - mean load) / mean load`` per
-    row of ``counts (layers, experts)``, averaged over layers."""
-    counts = counts.float()
-    mean = counts.mean(dim=-1).clamp_min(1e-12)
-    return ((counts.max(dim=-1).values - mean) / mean).mean()
 
 
 class ZooLightningModule(L.LightningModule):

@@ -150,6 +150,9 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_violation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    """MaxVio ``(max_i load_i - mean load) / mean load`` (Wang et al. 2024, Eq. 7); 0 when balanced."""
+    """MaxVio ``(max_i load_i - mean load) / mean load`` (Wang et al. 2024, Eq. 7); 0 when balanced.
+
+    ``tokens_per_expert``: ``(n_experts,)`` or ``(layers, n_experts)``; several rows are averaged."""
     load = tokens_per_expert.float()
-    return (load.max() - load.mean()) / load.mean().clamp_min(1e-9)
+    mean = load.mean(dim=-1).clamp_min(1e-9)
+    return ((load.max(dim=-1).values - mean) / mean).mean()
