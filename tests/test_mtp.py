@@ -247,6 +247,7 @@ def test_checkpoint_with_mtp_loads_without_it_and_vice_versa(tmp_path):
     model = model64(config(depth=2))
     ids = torch.randint(0, VOCAB, (1, 9))
     model.save_pretrained(tmp_path / "mtp")
+    assert "| mtp | depth=2, heads=sequential" in (tmp_path / "mtp" / "README.md").read_text()
     assert from_pretrained(tmp_path / "mtp").mtp is not None
     plain = from_pretrained(tmp_path / "mtp", drop_mtp=True)
     assert plain.mtp is None and plain.config.model.mtp is None

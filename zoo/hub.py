@@ -104,6 +104,9 @@ def model_card(model, training: Mapping | None = None, license: str = "apache-2.
             ("mixer", spec(m.mixer)), ("ffn", spec(m.ffn))]
     rows += [(f"layer {i}", ", ".join(spec(b) for b in (o.mixer, o.ffn) if b is not None))
              for i, o in sorted(m.layers.items())]
+    if m.mtp is not None:
+        rows.append(("mtp", f"depth={m.mtp.depth}, heads={m.mtp.heads}, loss_weight={m.mtp.loss_weight} "
+                            "(multi-token prediction; `zoo.from_pretrained(..., drop_mtp=True)` leaves it out)"))
     corpus = training.get("corpus", config.train.data.corpus)
     steps = training.get("steps")
     val_loss = training.get("val_loss")
