@@ -173,6 +173,19 @@ def test_speculative_equals_plain_greedy_random_model(mixer, heads, ffn):
         assert stats["drafted"] >= stats["accepted"] >= 0
 
 
+def test_speculative_with_hybrid_main_model_and_own_mtp_blocks():
+    """A retention model with an attention layer (restore + re-feed for all layers), and MTP blocks whose
+    mixer and FFN differ from the main model's (a retention mixer and an MoE FFN under attention)."""
+    hybrid = config(depth=2, mixer="retention", **{"model.layers": {1: {"mixer": MIXERS["attention"]}}})
+    own = config(depth=2, **{"model.mtp": {"depth": 2, "mixer": MIXERS["retention"], "ffn": MOE}})
+    for cfg in (hybrid, own):
+        model = model64(cfg)
+        for T, n in [(3, 11), (7, 6)]:
+            prompt = torch.randint(0, VOCAB, (1, T))
+            assert torch.equal(model.generate(prompt, n, speculative="mtp"), model.generate(prompt, n))
+    assert type(model.mtp.layers[0].block.mixer).__name__ == "MultiScaleRetention"
+
+
 def _trained_on_cycle(mixer, heads, depth=2, steps=60):
     """A model trained until its MTP modules predict a cyclic token sequence well (high acceptance)."""
     model = model64(config(depth=depth, heads=heads, mixer=mixer), std=0.05).train()
