@@ -5,6 +5,7 @@ decoding against plain greedy decoding (token for token), dropping and loading a
 """
 
 import csv
+import functools
 
 import pytest
 import torch
@@ -21,6 +22,16 @@ MIXERS = {"attention": {"type": "attention", "n_heads": 4, "n_kv_heads": 2},
                   "qk_rope_head_dim": 4, "v_head_dim": 8}}
 MOE = {"type": "moe", "n_experts": 4, "top_k": 2, "d_hidden": 16, "score_func": "sigmoid",
        "loss_free_bias": True, "seq_aux_loss_weight": 1.0e-4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny float64 shapes run fastest on one thread, which also keeps OpenMP workers from spinning
+    against other jobs on a shared CPU (measured here: 12 s for the file instead of 40 s to 5 min)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def config(depth=2, heads="sequential", mixer="attention", ffn=None, **overrides):
@@ -186,8 +197,10 @@ def test_speculative_with_hybrid_main_model_and_own_mtp_blocks():
     assert type(model.mtp.layers[0].block.mixer).__name__ == "MultiScaleRetention"
 
 
+@functools.cache
 def _trained_on_cycle(mixer, heads, depth=2, steps=60):
-    """A model trained until its MTP modules predict a cyclic token sequence well (high acceptance)."""
+    """A model trained until its MTP modules predict a cyclic token sequence well (high acceptance);
+    cached, as tests only decode with it."""
     model = model64(config(depth=depth, heads=heads, mixer=mixer), std=0.05).train()
     torch.manual_seed(1)
     cycle = torch.randperm(VOCAB)[:7]
@@ -221,7 +234,7 @@ def test_speculative_equals_plain_greedy_trained_model(mixer, heads):
 
 
 def test_speculative_stops_at_eos_like_plain():
-    model, cycle = _trained_on_cycle("attention", "sequential", steps=30)
+    model, cycle = _trained_on_cycle("attention", "sequential")
     prompt = cycle[None, :3].clone()
     eos = int(cycle[5])
     plain = model.generate(prompt, max_new_tokens=20, eos_token_id=eos)
@@ -285,7 +298,7 @@ def test_drafts_are_the_mtp_modules_full_sequence_predictions(mixer, heads):
     """The drafts made from the decoding states equal depth k's predictions computed over the whole final
     sequence at once (the training path): replaying acceptance from those gives the same count."""
     D, T, n = 2, 4, 24
-    model, cycle = _trained_on_cycle(mixer, heads, depth=D)
+    model, cycle = _trained_on_cycle(mixer, heads)  # depth 2 = D
     prompt = cycle[None, :T].clone()
     ids, stats = model.generate(prompt, max_new_tokens=n, speculative="mtp", return_stats=True)
     L = ids.shape[1]
