@@ -79,6 +79,30 @@ class FP8Config:
 
 
 @dataclass
+class MTPConfig:
+    """``model.mtp``: multi-token prediction modules (DeepSeek-V3 §2.2; Gloeckle et al. 2024 §2).
+
+    ``depth`` modules predict tokens ``i+2 .. i+depth+1``; ``heads: sequential`` chains them as in
+    DeepSeek-V3 (each sees the previous depth's hidden state and the next token's embedding),
+    ``parallel`` gives each its own one-block head on the shared trunk (Gloeckle et al.). The modules'
+    block uses ``mixer`` / ``ffn`` when set, else the model's ``model.mixer`` / ``model.ffn``.
+    """
+
+    depth: int = 1
+    loss_weight: float = 0.3  # lambda in DeepSeek-V3 Eq. 25 (0.3 for its first 10T tokens)
+    heads: Literal["sequential", "parallel"] = "sequential"
+    mixer: BlockSpec | None = field(default=None, metadata={"kind": "mixer"})
+    ffn: BlockSpec | None = field(default=None, metadata={"kind": "ffn"})
+
+    def validate(self) -> None:
+        if self.depth < 1:
+            raise ConfigError(f"depth must be an integer >= 1, got {self.depth} (omit model.mtp or set it "
+                              "to null for no multi-token prediction)")
+        if self.loss_weight < 0:
+            raise ConfigError(f"loss_weight must be >= 0, got {self.loss_weight}")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int | None = None  # None: taken from the tokenizer (256 + specials for bytes)
     d_model: int = 256
@@ -91,6 +115,7 @@ class ModelConfig:
     ffn: BlockSpec = _block("ffn", "mlp")
     layers: dict[int, LayerOverride] = field(default_factory=dict)
     fp8: FP8Config = field(default_factory=FP8Config)
+    mtp: MTPConfig | None = None  # multi-token prediction (zoo.blocks.mtp); None: off
 
     def layer_blocks(self, index: int) -> tuple[BlockSpec, BlockSpec]:
         """The (mixer, ffn) specs of layer ``index``, per-layer overrides applied."""
@@ -446,6 +471,9 @@ def validate(config: ZooConfig) -> None:
     specs = [("model.norm", model.norm), ("model.mixer", model.mixer), ("model.ffn", model.ffn)]
     for index, override in sorted(model.layers.items()):
         specs += [(f"model.layers.{index}.{part}", getattr(override, part)) for part in ("mixer", "ffn")]
+    if model.mtp is not None:
+        _prefixed("model.mtp", model.mtp.validate)
+        specs += [(f"model.mtp.{part}", getattr(model.mtp, part)) for part in ("mixer", "ffn")]
     for path, spec in specs:
         check = getattr(spec.options, "validate", None) if spec is not None else None
         if check is not None:

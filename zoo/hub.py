@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from zoo.config import ZooConfig
 
 HUB_PREFIX = "hf-hub:"
+_MTP_PREFIX = "mtp."  # multi-token prediction modules (zoo.blocks.mtp)
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "README.md", "tokenizer*", "*.model", "*.txt"]
 
 
@@ -103,6 +104,9 @@ def model_card(model, training: Mapping | None = None, license: str = "apache-2.
             ("mixer", spec(m.mixer)), ("ffn", spec(m.ffn))]
     rows += [(f"layer {i}", ", ".join(spec(b) for b in (o.mixer, o.ffn) if b is not None))
              for i, o in sorted(m.layers.items())]
+    if m.mtp is not None:
+        rows.append(("mtp", f"depth={m.mtp.depth}, heads={m.mtp.heads}, loss_weight={m.mtp.loss_weight} "
+                            "(multi-token prediction; `zoo.from_pretrained(..., drop_mtp=True)` leaves it out)"))
     corpus = training.get("corpus", config.train.data.corpus)
     steps = training.get("steps")
     val_loss = training.get("val_loss")
@@ -145,10 +149,12 @@ def upload_checkpoint(folder: str | os.PathLike, repo_id: str, private: bool | N
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = None, *,
                     token: str | None = None, cache_dir: str | os.PathLike | None = None,
-                    dtype: torch.dtype | None = None):
+                    dtype: torch.dtype | None = None, drop_mtp: bool = False):
     """A :class:`zoo.ZooModel` from a local directory or a Hub repo id (``org/name``, ``revision`` a
     branch, tag or commit), holding a zoo checkpoint or a transformers checkpoint of a supported
-    ``model_type`` (see :mod:`zoo.convert`). ``dtype`` casts the weights; None keeps the checkpoint's."""
+    ``model_type`` (see :mod:`zoo.convert`). ``dtype`` casts the weights; None keeps the checkpoint's.
+    ``drop_mtp=True`` leaves out the multi-token prediction modules (``mtp.*`` tensors, ``model.mtp``),
+    so that an MTP checkpoint serves as a plain model (DeepSeek-V3 §2.2)."""
     directory = resolve_checkpoint(path_or_repo_id, revision, token=token, cache_dir=cache_dir)
     config = _read_json(directory / "config.json")
     if "model_type" in config:
@@ -162,7 +168,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
             from zoo.fp8.checkpoint import dequantize_state_dict
 
             state_dict = dequantize_state_dict(state_dict, quantization)
-    return load_model(zoo_config, state_dict, str(path_or_repo_id), dtype)
+    return load_model(zoo_config, state_dict, str(path_or_repo_id), dtype, drop_mtp=drop_mtp)
 
 
 def load_pretrained_for(config: ZooConfig, revision: str | None = None, token: str | None = None):
@@ -246,18 +252,28 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_model(config: ZooConfig, state_dict: dict[str, torch.Tensor], source: str,
-               dtype: torch.dtype | None = None):
+               dtype: torch.dtype | None = None, drop_mtp: bool = False, mtp_init: bool = False):
     """Build ``config``'s model without initialising it and fill it from ``state_dict``; a missing,
-    unexpected or wrongly shaped tensor raises :class:`CheckpointError` naming every such tensor."""
+    unexpected or wrongly shaped tensor raises :class:`CheckpointError` naming every such tensor.
+
+    Multi-token prediction (``mtp.*`` tensors): ``drop_mtp=True`` loads without them (and sets
+    ``config.model.mtp`` to None); ``mtp_init=True`` lets a checkpoint without them fill a config with
+    ``model.mtp``, the MTP modules keeping their fresh initialisation (to train them on a plain model)."""
     from zoo.factory import build_model
 
+    if drop_mtp:
+        config.model.mtp = None
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_MTP_PREFIX)}
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    grow_mtp = mtp_init and config.model.mtp is not None and not any(k.startswith(_MTP_PREFIX) for k in state_dict)
     with torch.device("meta"):
         model = build_model(config)  # no initialisation: every tensor comes from the checkpoint
     persistent = set(model.state_dict())
-    if any(name not in persistent for name, _ in model.named_buffers()):
-        model = build_model(config)  # a block keeps derived buffers that the checkpoint does not hold
+    if grow_mtp or any(name not in persistent for name, _ in model.named_buffers()):
+        model = build_model(config)  # fresh MTP modules, or derived buffers the checkpoint does not hold
+    if grow_mtp:
+        state_dict = {**{k: v for k, v in model.state_dict().items() if k.startswith(_MTP_PREFIX)}, **state_dict}
     check_state_dict(model, state_dict, source)
     model.load_state_dict(state_dict, strict=False, assign=True)
     if config.model.tie_embeddings:
@@ -271,6 +287,18 @@ def check_state_dict(model, state_dict: Mapping[str, torch.Tensor], source: str)
     unexpected = sorted(set(state_dict) - set(expected) - _tied_keys(model))
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    mtp_missing = [k for k in missing if k.startswith(_MTP_PREFIX)]
+    mtp_unexpected = [k for k in unexpected if k.startswith(_MTP_PREFIX)]
+    if mtp_missing and mtp_missing == missing and not unexpected and not mismatched:
+        raise CheckpointError(
+            f"checkpoint {source!r} has no multi-token prediction weights, but the config sets model.mtp: "
+            f"missing tensors {mtp_missing}. Set model.mtp to null to load it as a plain model, or pass "
+            "mtp_init=True (zoo.hub.load_model) to start the MTP modules from a fresh initialisation")
+    if mtp_unexpected and mtp_unexpected == unexpected and not missing and not mismatched:
+        raise CheckpointError(
+            f"checkpoint {source!r} holds multi-token prediction weights that the config has no model.mtp for: "
+            f"unexpected tensors {mtp_unexpected}. Load with drop_mtp=True (zoo.from_pretrained) to serve it "
+            "as a plain model, or keep the checkpoint's model.mtp in the config")
     problems = []
     if missing:
         problems.append(f"missing tensors {missing}")

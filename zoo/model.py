@@ -2,6 +2,8 @@
 
 ``embed -> n_layers x Block(norm, mixer, norm, ffn) -> norm -> head`` with pre-norm residual blocks
 (GPT-2, Radford et al. 2019 §2.3). Mixer and FFN of each layer come from the registry by name.
+With ``model.mtp`` set, multi-token prediction modules (:mod:`zoo.blocks.mtp`, DeepSeek-V3 §2.2) read
+the last hidden state before the final norm and add ``mtp_loss`` when labels are given.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from zoo import registry
 from zoo.aux import AuxCollector
+from zoo.blocks.mtp import MultiTokenPrediction
 from zoo.config import ConfigError, ZooConfig
 from zoo.fp8.convert import apply_fp8
 from zoo.registry import BlockContext
@@ -24,22 +27,26 @@ class ZooOutput:
     """What ``ZooModel.forward`` returns; losses are None where they do not apply."""
 
     logits: torch.Tensor  # (B, T, vocab_size)
-    loss: torch.Tensor | None = None  # lm_loss + aux_loss (+ mtp_loss)
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss + mtp_loss (those present)
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
     router_stats: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: (n_experts,) counts
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # aux_loss by name, summed over layers
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # block diagnostics, mean over layers
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # block diagnostics (mean over layers),
+    # and mtp_ce_{k}: the cross-entropy of MTP depth k (DeepSeek-V3 Eq. 24)
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``."""
+    """One pre-norm decoder layer: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
 
-    def __init__(self, config: ZooConfig, ctx: BlockContext):
+    ``mixer`` / ``ffn`` specs default to layer ``ctx.layer_idx``'s (MTP modules pass their own)."""
+
+    def __init__(self, config: ZooConfig, ctx: BlockContext, mixer=None, ffn=None):
         super().__init__()
         model = config.model
-        mixer, ffn = model.layer_blocks(ctx.layer_idx)
+        default_mixer, default_ffn = model.layer_blocks(ctx.layer_idx)
+        mixer, ffn = mixer or default_mixer, ffn or default_ffn
         self.mixer_norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
         self.mixer = registry.build("mixer", mixer.type, mixer.options, ctx)
         self.ffn_norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
@@ -55,6 +62,8 @@ class ZooModel(nn.Module):
 
     ``forward(input_ids (B, T), labels (B, T) | None) -> ZooOutput``. Labels are aligned with the
     inputs (the model shifts them: position t is scored on ``labels[t + 1]``); ``-100`` is ignored.
+    ``self.mtp`` holds the multi-token prediction modules (None without ``model.mtp``); they run only
+    when labels are given (training, validation) or when :meth:`generate` drafts with them.
     """
 
     def __init__(self, config: ZooConfig):
@@ -75,6 +84,7 @@ class ZooModel(nn.Module):
             self.head.weight = self.embed.weight
         else:
             nn.init.normal_(self.head.weight, std=model.init_std)
+        self.mtp = MultiTokenPrediction(config) if model.mtp is not None else None
         apply_fp8(self, model.fp8)  # FP8 is a transformation of the built model (zoo.fp8)
 
     def hidden_states(self, input_ids: torch.Tensor, aux: AuxCollector, states=None) -> torch.Tensor:
@@ -88,30 +98,61 @@ class ZooModel(nn.Module):
         aux = AuxCollector()
         h = self.hidden_states(input_ids, aux, states)
         logits = self.head(self.norm(h))
+        mtp_loss = mtp_metrics = None
+        if labels is not None and self.mtp is not None:  # MTP MoE layers report after the main ones
+            mtp_loss, ces = self.mtp.loss(h, input_ids, labels, self.embed, self.head, aux)
+            mtp_metrics = {f"mtp_ce_{k}": ce.detach() for k, ce in enumerate(ces, start=1)}
         out = ZooOutput(logits=logits, router_stats=aux.router_stats, aux_losses=aux.losses,
                         metrics={k: torch.stack(v).mean() for k, v in aux.metrics.items()})
+        out.metrics.update(mtp_metrics or {})
         if labels is not None:
             out.lm_loss = lm_loss(logits, labels)
             out.aux_loss = aux.total_loss()
-            out.loss = out.lm_loss if out.aux_loss is None else out.lm_loss + out.aux_loss
+            out.mtp_loss = mtp_loss
+            out.loss = sum(x for x in (out.aux_loss, out.mtp_loss) if x is not None) + out.lm_loss
         return out
 
-    def init_states(self, batch_size: int, max_len: int) -> list:
-        """Fresh per-layer decoding states (KV caches, recurrent states) for ``max_len`` positions."""
+    def drop_mtp(self) -> "ZooModel":
+        """Remove the multi-token prediction modules (DeepSeek-V3 §2.2: "directly discard the MTP modules"
+        at inference) and set ``config.model.mtp`` to None, so the model saves and serves as a plain one.
+        The main logits are unchanged. Returns ``self``."""
+        self.mtp = None
+        self.config.model.mtp = None
+        return self
+
+    def init_states(self, batch_size: int, max_len: int, blocks=None) -> list:
+        """Fresh per-layer decoding states (KV caches, recurrent states) for ``max_len`` positions, of
+        the main model's blocks or of ``blocks`` (e.g. the MTP modules' blocks)."""
         param = self.embed.weight
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else param.dtype
         if param.is_cuda and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
-        return [block.mixer.init_state(batch_size, max_len, param.device, dtype) for block in self.blocks]
+        blocks = self.blocks if blocks is None else blocks
+        return [block.mixer.init_state(batch_size, max_len, param.device, dtype) for block in blocks]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Continue ``input_ids (B, T)`` by up to ``max_new_tokens``; see :func:`zoo.generation.generate`."""
-        from zoo.generation import generate
+                 generator: torch.Generator | None = None, speculative: str | None = None,
+                 return_stats: bool = False):
+        """Continue ``input_ids (B, T)`` by up to ``max_new_tokens``; see :func:`zoo.generation.generate`.
 
-        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+        ``speculative="mtp"``: greedy self-speculative decoding, the MTP modules drafting and the main
+        model verifying (:func:`zoo.generation.generate_speculative`; same tokens as plain greedy).
+        ``return_stats=True`` returns ``(ids, stats)`` (acceptance rate, drafted, accepted, passes)."""
+        from zoo.generation import generate, generate_speculative
+
+        if speculative is None:
+            ids = generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+            stats = {"forward_passes": ids.shape[1] - input_ids.shape[1]}
+        elif speculative == "mtp":
+            if temperature != 0.0 or top_k is not None or top_p is not None:
+                raise ValueError("speculative='mtp' decodes greedily: set temperature=0 and no top_k / top_p "
+                                 f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
+            ids, stats = generate_speculative(self, input_ids, max_new_tokens, eos_token_id)
+        else:
+            raise ValueError(f"speculative={speculative!r}; choose None (plain decoding) or 'mtp'")
+        return (ids, stats) if return_stats else ids
 
     def save_pretrained(self, path, **kwargs):
         """Write a checkpoint directory (``config.json`` + safetensors); see :func:`zoo.hub.save_pretrained`."""
