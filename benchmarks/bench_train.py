@@ -9,7 +9,8 @@ Four measurements, interleaved over repeats (medians reported) so that machine l
   included, validation, checkpoints and start-up excluded).
 
 Data loading's share of step time is ``data / step`` per batch; it must stay under 5%.
-Run from the repository root: ``python -m benchmarks.bench_train [--preset dense-tiny] [--steps 8] [--repeats 3]``.
+Run from the repository root: ``python -m benchmarks.bench_train [--preset dense-tiny] [--steps 8] [--repeats 3]
+[--quick]``.
 """
 
 from __future__ import annotations

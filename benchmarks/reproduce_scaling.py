@@ -3,9 +3,9 @@
 Kaplan et al. 2020 (arXiv 2001.08361, Eq. 1.1) found the loss a power law in the non-embedding parameter
 count N; Hoffmann et al. 2022 (Chinchilla, arXiv 2203.15556, Eq. 2) write ``L(N, D) = E + A/N^alpha +
 B/D^beta``, which at a fixed token budget D is ``E' + A/N^alpha``. Here 4 ``dense-tiny``-shaped models
-(4 layers, d_model 64, 96, 128, 192) train on ``python-stdlib`` with the same seed, data and token budget;
+(4 layers, d_model 48, 64, 96, 128) train on ``python-stdlib`` with the same seed, data and token budget;
 ``E, A, alpha`` are fitted to their final validation losses by least squares (a grid over alpha with the
-closed-form linear fit of E and A at each); the loss of a 5th, larger size (d_model 256) is predicted and
+closed-form linear fit of E and A at each); the loss of a 5th, larger size (d_model 192) is predicted and
 saved to the JSON *before* it trains; then it trains and the prediction error is reported.
 
 Run from the repository root: ``python -m benchmarks.reproduce_scaling [--quick] [--steps N]``.
@@ -21,8 +21,8 @@ import zoo
 from benchmarks._common import plot_path, print_table, save, table
 from benchmarks._train import EAGER_ATTENTION, budget, train_run
 
-FIT_WIDTHS = (64, 96, 128, 192)
-PREDICT_WIDTH = 256
+FIT_WIDTHS = (48, 64, 96, 128)
+PREDICT_WIDTH = 192
 
 
 def size_overrides(d_model: int) -> list[str]:

@@ -4,7 +4,7 @@
 
 Scripts are discovered, not listed: every ``benchmarks/bench_*.py``, ``reproduce_*.py`` and ``gpu_*.py``
 module, each run as ``python -m benchmarks.<name> [--quick]`` in its own process with ``$ZOO_BENCH_RESULTS``
-pointing at the results directory. A failing script is reported (name, exit code, the end of its stderr) and
+pointing at the results directory. A failing script is reported (name, exit code, the end of its output) and
 the suite goes on; the exit code is non-zero if any failed. ``--quick`` writes to ``benchmarks/.quick/``
 (git-ignored) unless ``--results-dir`` says otherwise, so it never overwrites the committed full results.
 """
@@ -31,18 +31,20 @@ def discover() -> list[str]:
 
 
 def run_script(name: str, quick: bool, results_dir: Path, log_dir: Path, timeout: float | None) -> tuple[int, str]:
-    """Run one script; its stdout and stderr go to ``log_dir/<name>.log``. Returns (exit code, end of stderr)."""
+    """Run one script, its stdout and stderr streamed to ``log_dir/<name>.log`` (follow it with ``tail -f``).
+    Returns (exit code, the end of that log)."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
     env = {**os.environ, RESULTS_ENV: str(results_dir)}
     cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else [])
-    try:
-        proc = subprocess.run(cmd, cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
-        (log_dir / f"{name}.log").write_text(stderr)
-        return 124, stderr[-2000:] + f"\n(timed out after {timeout:.0f} s)"
-    (log_dir / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    return proc.returncode, proc.stderr[-2000:]
+    with log.open("w") as f:
+        try:
+            code = subprocess.run(cmd, cwd=HERE.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+            f.write(f"\n(timed out after {timeout:.0f} s)\n")
+    return code, log.read_text(errors="replace")[-3000:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         for i, name in enumerate(selected, 1):
             print(f"[{i}/{len(selected)}] {name}{' --quick' if args.quick else ''} ...", end=" ", flush=True)
             start = time.perf_counter()
-            code, stderr_tail = run_script(name, args.quick, results_dir, log_dir, args.timeout)
+            code, log_tail = run_script(name, args.quick, results_dir, log_dir, args.timeout)
             elapsed = time.perf_counter() - start
             if code == 0:
                 print(f"ok ({elapsed:.1f} s)", flush=True)
             else:
                 failed.append(name)
-                tail = "\n".join("    " + line for line in stderr_tail.strip().splitlines()[-15:])
+                tail = "\n".join("    " + line for line in log_tail.strip().splitlines()[-15:])
                 print(f"FAILED, exit code {code} ({elapsed:.1f} s); log {log_dir / (name + '.log')}\n{tail}",
                       flush=True)
         print(f"{len(selected) - len(failed)}/{len(selected)} scripts ok in {time.perf_counter() - suite_start:.0f} s")
