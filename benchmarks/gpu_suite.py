@@ -42,9 +42,11 @@ def cuda_matmul_peak_flops(n: int = 8192, repeats: int = 10) -> float:
 
 
 def flops_per_token(model, seq: int) -> float:
-    """``6 N_active`` (matmul parameters a token touches, head included) plus attention ``12 L d T``."""
+    """``6 N`` with N the matmul parameters a token touches (active parameters, the output head included, an
+    untied input embedding -- a lookup -- excluded) plus attention ``12 L d T``."""
     m = model.config.model
-    return 6 * model.num_parameters(active=True) + 12 * m.n_layers * m.d_model * seq
+    lookup = 0 if m.tie_embeddings else m.vocab_size * m.d_model
+    return 6 * (model.num_parameters(active=True) - lookup) + 12 * m.n_layers * m.d_model * seq
 
 
 def compare(variants: dict, batch: int, seq: int, repeats: int, iters: int) -> dict:

@@ -115,20 +115,22 @@ def main() -> None:
                              for d, n, loss in zip(FIT_WIDTHS, ns, losses)],
                    "fit": fit, "prediction": {"d_model": PREDICT_WIDTH, "non_embedding_parameters": n5,
                                               "predicted_val_loss": predicted}}
-        save(name, {**payload, "status": f"predicted, d_model {PREDICT_WIDTH} not trained yet"})
+        columns = ["d_model", "non-embedding parameters", "val loss", "fit / prediction", "fit - measured"]
+        rows = [[d, n, loss, predict(fit, n), predict(fit, n) - loss] for d, n, loss in zip(FIT_WIDTHS, ns, losses)]
+        title = (f"Scaling, 4 layers, {b['steps']} steps of {b['batch_size']} x {b['seq_len']} bytes of "
+                 f"{b['corpus']}, seed 0")
+        save(name, {**payload, "status": f"predicted, d_model {PREDICT_WIDTH} not trained yet",
+                    "table": table(title, columns, rows + [[f"{PREDICT_WIDTH} (predicted first)", n5, None,
+                                                            predicted, None]])})
         print(f"fit {fit}; predicted loss at N={n5:,}: {predicted:.4f} (saved before training it)", flush=True)
         actual = train_run("dense-tiny", size_overrides(PREDICT_WIDTH), b, Path(tmp) / f"d{PREDICT_WIDTH}",
                            evals=2)["val_loss"]
-    columns = ["d_model", "non-embedding parameters", "val loss", "fit / prediction", "fit - measured"]
-    rows = [[d, n, loss, predict(fit, n), predict(fit, n) - loss] for d, n, loss in zip(FIT_WIDTHS, ns, losses)]
     rows.append([f"{PREDICT_WIDTH} (predicted first)", n5, actual, predicted, predicted - actual])
     print_table(columns, rows)
     plot(ns, losses, fit, n5, predicted, actual, png)
     payload["prediction"].update(actual_val_loss=actual, error=predicted - actual,
                                  relative_error=(predicted - actual) / actual)
-    path = save(name, {**payload, "status": "complete",
-                       "table": table(f"Scaling, 4 layers, {b['steps']} steps of {b['batch_size']} x {b['seq_len']} "
-                                      f"bytes of {b['corpus']}, seed 0", columns, rows),
+    path = save(name, {**payload, "status": "complete", "table": table(title, columns, rows),
                        "reading": reading(fit, predicted, actual, n5, losses), "plots": [png.name]})
     print(f"wrote {path} and {png}")
 
