@@ -33,6 +33,7 @@ RESULTS = Path(os.environ.get(RESULTS_ENV) or Path(__file__).resolve().parent / 
 
 
 def machine() -> dict:
+    """CPU model, logical cores, torch threads, torch and Python versions, CUDA device name (or None)."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,7 +42,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version()}
 

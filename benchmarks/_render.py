@@ -66,7 +66,8 @@ def markdown_table(table: dict) -> str:
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m.get('cpu') or 'unknown CPU'}; torch {m.get('torch')} with {m.get('threads')} thread(s); "
+    cores = f" ({m['cores']} cores)" if m.get("cores") else ""
+    return (f"{m.get('cpu') or 'unknown CPU'}{cores}; torch {m.get('torch')} with {m.get('threads')} thread(s); "
             f"Python {m.get('python', '?')}; GPU: {m.get('gpu') or 'none'}")
 
 
