@@ -28,9 +28,9 @@ REPRODUCTIONS = {
 
 
 def format_number(x) -> str:
-    """A table cell: thousands separators for large numbers, about 3 significant digits otherwise."""
+    """A table cell: thousands separators for large numbers, 3-4 significant digits otherwise, "—" for None."""
     if x is None:
-        return ""
+        return "—"
     if isinstance(x, bool) or isinstance(x, str):
         return str(x)
     if isinstance(x, int):
@@ -44,7 +44,7 @@ def format_number(x) -> str:
         if a >= 10:
             return f"{x:.1f}"
         if a >= 1:
-            return f"{x:.2f}"
+            return f"{x:.3f}"
         if a >= 0.01 or a == 0:
             return f"{x:.3f}"
         return f"{x:.2e}"

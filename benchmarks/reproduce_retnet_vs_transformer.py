@@ -79,6 +79,8 @@ def plot(results: dict, decode: list[dict], path: Path) -> None:
     left.set(xlabel="step", ylabel="validation loss (nats/byte)", title="Validation loss, equal parameters")
     right.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per generated token",
               title="Decode cost vs context (batch 1, float32)")
+    right.set_xticks([d["context"] for d in decode], [f"{d['context']:,}" for d in decode])
+    right.minorticks_off()
     left.legend(), right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -62,9 +62,11 @@ def reading(fit: dict, predicted: float, actual: float, n5: int, losses: list[fl
     """The honest one-paragraph interpretation, composed from the measured numbers."""
     err = predicted - actual
     monotone = all(b < a for a, b in zip(losses, losses[1:]))
+    edge = (" alpha sits at the edge of the fitted grid, so the four points do not pin the power law down;"
+            if fit["alpha"] >= 2.0 or fit["alpha"] <= 0.005 else "")
     return (f"The 4 fitted sizes give L(N) = {fit['E']:.3f} + {fit['A']:.3g} / N^{fit['alpha']:.3f} "
             f"(residual RMS {(fit['sse'] / len(losses)) ** 0.5:.4f} nats/byte); the losses "
-            f"{'fall' if monotone else 'do not fall'} monotonically with size. For the 5th model "
+            f"{'fall' if monotone else 'do not fall'} monotonically with size;{edge} for the 5th model "
             f"(N = {n5 / 1e6:.2f} M non-embedding parameters) the fit predicted {predicted:.3f} before it trained; it "
             f"reached {actual:.3f}, an error of {err:+.3f} nats/byte ({100 * err / actual:+.1f}%). At a fixed, "
             f"small token budget the larger models are undertrained, so the curve flattens and the fitted E absorbs "

@@ -61,7 +61,7 @@ def test_render_tolerates_payloads_without_table(tmp_path):
         "table": table("t", ["a", "b"], [["zoo", {"median": 2.0, "min": 1.0, "max": 3.0}]])}))
     page = render(tmp_path).read_text()
     assert "## old" in page and "no `table` entry" in page
-    assert "| zoo | 2.00 (1.00–3.00) |" in page and "it went fine" in page
+    assert "| zoo | 2.000 (1.000–3.000) |" in page and "it went fine" in page
 
 
 def test_table_checks_row_width():
