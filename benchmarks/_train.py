@@ -17,12 +17,12 @@ EAGER_ATTENTION = "model.mixer.backend=eager"
 
 
 def budget(quick: bool, steps: int | None = None) -> dict:
-    """The shared token budget: full mode trains ``steps`` (default 200) steps of 8 x 64 bytes of
+    """The shared token budget: full mode trains ``steps`` (default 300) steps of 8 x 128 bytes of
     ``python-stdlib`` (sized so that all reproductions fit in ~40 minutes of a shared 2-core CPU); quick mode
     6 steps of 2 x 32 bytes of ``pydoc-topics`` (seconds, for tests)."""
     if quick:
         return {"steps": steps or 6, "batch_size": 2, "seq_len": 32, "corpus": "pydoc-topics", "val_batches": 2}
-    return {"steps": steps or 200, "batch_size": 8, "seq_len": 64, "corpus": "python-stdlib", "val_batches": 8}
+    return {"steps": steps or 300, "batch_size": 8, "seq_len": 128, "corpus": "python-stdlib", "val_batches": 16}
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
