@@ -53,7 +53,7 @@ def reading(results: dict, decode: list[dict]) -> str:
     verdict = ("trails the Transformer at this tiny scale, consistent with Sun et al. finding RetNet behind below "
                "~2B parameters" if r["val_loss"] > t["val_loss"] else
                "matches or beats the Transformer at this tiny scale, where Sun et al. found RetNet slightly behind "
-               "(one seed and a short run: the gap is within what seeds and step counts move)")
+               "(one seed and a short run; the seed-to-seed spread was not measured)")
     return (f"With {r['parameters'] / 1e6:.3f} M parameters (RetNet) vs {t['parameters'] / 1e6:.3f} M (Transformer), "
             f"the same data and steps, RetNet ends at validation loss {r['val_loss']:.3f} vs {t['val_loss']:.3f} "
             f"nats/byte ({r['val_loss'] - t['val_loss']:+.3f}): it {verdict}. Decoding "
