@@ -1,8 +1,25 @@
-"""Shared pieces of the benchmark scripts: machine facts, the bf16 matmul peak, timing, results files."""
+"""Shared pieces of the benchmark scripts: machine facts, the bf16 matmul peak, timing, results files.
+
+Results convention (read by ``benchmarks/_render.py`` to write ``RESULTS.md``). Every script saves one JSON
+payload with ``save(name, payload)``; ``save`` adds ``benchmark`` (the name) and ``machine``. Beside its own
+keys, a payload may carry (all optional, so older payloads still render):
+
+- ``table``: ``{"title": str, "columns": [str, ...], "rows": [[cell, ...], ...]}`` -- the headline table, every
+  row as wide as ``columns``. A cell is a number, a string, ``None`` (rendered blank) or a ``summary()`` dict
+  (rendered ``median (min-max)``). Ratios against the peer measured in the same run go in their own column.
+  Build it with ``table()``. ``tables``: a list of further tables of the same form.
+- ``reading``: one paragraph interpreting the numbers, composed from the measured values (never hard-coded).
+- ``plots``: PNG file names, relative to the results directory.
+- ``quick``: true for a ``--quick`` pass.
+
+Results go to ``RESULTS`` (``benchmarks/results``), or to the directory in ``$ZOO_BENCH_RESULTS`` when set --
+``python -m benchmarks --quick`` uses that so a quick pass never overwrites the committed full results.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -11,10 +28,12 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "ZOO_BENCH_RESULTS"
+RESULTS = Path(os.environ.get(RESULTS_ENV) or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:
+    """CPU model, logical cores, torch threads, torch and Python versions, CUDA device name (or None)."""
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -23,7 +42,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version()}
 
@@ -54,11 +73,31 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
 
+def scaled(s: dict, factor: float) -> dict:
+    """A ``summary()`` dict's median, min and max times ``factor`` (e.g. seconds -> ms), for a table cell."""
+    return {key: s[key] * factor for key in ("median", "min", "max")}
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> dict:
+    """The ``table`` entry of a results payload (see the module docstring); checks every row's width."""
+    for row in rows:
+        if len(row) != len(columns):
+            raise ValueError(f"table {title!r}: row {row!r} has {len(row)} cells for {len(columns)} columns")
+    return {"title": title, "columns": list(columns), "rows": [list(row) for row in rows]}
+
+
 def save(name: str, payload: dict) -> Path:
+    """Write ``RESULTS/<name>.json``: ``{"benchmark": name, "machine": machine(), **payload}``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
     return path
+
+
+def plot_path(name: str) -> Path:
+    """Where the PNG of benchmark ``name`` goes (beside its JSON); creates the results directory."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    return RESULTS / f"{name}.png"
 
 
 def print_table(headers: list[str], rows: list[list]) -> None:

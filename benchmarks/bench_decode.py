@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from benchmarks._common import RESULTS, alternate, print_table, save, summary
+from benchmarks._common import RESULTS, alternate, print_table, save, scaled, summary, table
 
 VOCAB = 257
 MODELS = {"retention": "retnet-tiny", "attention": "dense-tiny"}
@@ -65,6 +65,22 @@ def decoder(model, batch: int, context: int, steps: int, repeats: int, part: str
 
     run()  # warm-up (also advances the states by `steps` tokens; the context stays within 1%)
     return run
+
+
+def result_tables(payload: dict, name: str) -> dict:
+    """The payload's ``table`` entry (see ``benchmarks/_common.py``), from its figures; the peer of
+    retention's recurrent state is attention's KV cache at the same shape."""
+    rows = []
+    for r in payload["results"]:
+        row = [r["batch"], r["context"]]
+        for part in PARTS:
+            ret, att = r[f"retention {part}"], r[f"attention {part}"]
+            row += [scaled(ret, 1e3), scaled(att, 1e3), att["median"] / ret["median"]]
+        rows.append(row)
+    columns = ["batch", "context"] + [h for part in PARTS for h in (
+        f"retention {part} ms/token", f"attention {part} ms/token", f"attention / retention ({part})")]
+    return {"table": table(f"Decoding cost per token, float32, {payload['clock']} clock ('mixer': one layer's mixer)",
+                           columns, rows), "plots": [f"{name}.png"], "quick": name.endswith("_quick")}
 
 
 def main() -> None:
@@ -113,8 +129,9 @@ def main() -> None:
                   f"(goal <= 1.1); attention/retention at {max(contexts)} = {goal['attention_over_retention']:.1f}x "
                   f"(goal >= 10)")
     name = "bench_decode_quick" if args.quick else "bench_decode"
-    path = save(name, {"models": MODELS, "dtype": "float32", "steps": steps, "repeats": repeats, "clock": args.clock,
-                       "results": results, "goals": goals})
+    payload = {"models": MODELS, "dtype": "float32", "steps": steps, "repeats": repeats, "clock": args.clock,
+               "results": results, "goals": goals}
+    path = save(name, {**payload, **result_tables(payload, name)})
     plot(results, batches, RESULTS / f"{name}.png", args.clock)
     print(f"\nwrote {path}")
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import zoo
-from benchmarks._common import alternate, print_table, save, summary
+from benchmarks._common import alternate, print_table, save, scaled, summary, table
 from zoo.fp8 import Float8Linear, make_recipe
 
 RECIPES = ("tensorwise", "rowwise", "blockwise")
@@ -116,6 +116,22 @@ def bench_preset(device: str, preset: str, batch: int, seq: int, repeats: int, i
     return {"preset": preset, "batch": batch, "seq": seq, "overrides": overrides, "steps": entry}, rows
 
 
+def result_tables(payload: dict) -> dict:
+    """The payload's ``table`` and ``tables`` entries (see ``benchmarks/_common.py``), from its figures; the
+    peer of every fp8 recipe is bf16 autocast on the same device."""
+    step = payload["train_step"]
+    rows = [[name if name != "none" else "bf16", e["fp8_linears"], scaled(e, 1e3), e["tokens_per_sec"],
+             e["speedup_vs_bf16"]] for name, e in step["steps"].items()]
+    linear_rows = [[int(d), *[scaled(e[v], 1e3) for v in ("bf16", *RECIPES)], *[e[r]["speedup_vs_bf16"] for r in RECIPES]]
+                   for d, e in payload["linear_fwd_bwd"].items()]
+    return {"table": table(f"{step['preset']} training step, batch {step['batch']} x {step['seq']}, {payload['mode']}",
+                           ["fp8 recipe", "fp8 linears", "ms/step", "tokens/s", "x vs bf16"], rows),
+            "tables": [table(f"d x d linear fwd + bwd on {payload['tokens']} tokens",
+                             ["d", "bf16 ms", *[f"{r} ms" for r in RECIPES], *[f"{r} x vs bf16" for r in RECIPES]],
+                             linear_rows)],
+            "reading": payload["note"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smallest shape only, 2 repeats")
@@ -139,12 +155,13 @@ def main() -> None:
     step, step_rows = bench_preset(device, preset, batch, seq, repeats, 1 if not cuda else 5, preset_overrides)
     print(f"\n{preset} training step, batch {batch} x {seq} tokens, bf16 autocast")
     print_table(["fp8 recipe", "fp8 linears", "ms/step", "tokens/s", "x vs bf16"], step_rows)
-    path = save("fp8", {"device": device, "emulation": not cuda, "mode": mode, "repeats": repeats,
-                        "tokens": tokens, "linear_fwd_bwd": linears, "train_step": step,
-                        "note": ("CPU figures are the cost of emulating fp8 (quantise/dequantise + float32 GEMMs) "
+    payload = {"device": device, "emulation": not cuda, "mode": mode, "repeats": repeats, "quick": args.quick,
+               "tokens": tokens, "linear_fwd_bwd": linears, "train_step": step,
+               "note": ("CPU figures are the cost of emulating fp8 (quantise/dequantise + float32 GEMMs) "
                                  "relative to bf16 autocast; they say nothing about fp8 speed on GPUs. "
                                  "The machine was shared with other jobs; medians of alternating repeats.")
-                        if not cuda else "speed-up goal on H100: >= 1.4x at d=4096"})
+               if not cuda else "speed-up goal on H100: >= 1.4x at d=4096"}
+    path = save("fp8", {**payload, **result_tables(payload)})
     print(f"wrote {path}")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import alternate, print_table, save, summary
+from benchmarks._common import alternate, print_table, save, summary, table
 
 SHAPE = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
              num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=2048,
@@ -111,6 +111,17 @@ def decode_speed(path: Path, vocab_size: int, new_tokens: int, repeats: int) -> 
     return {"tokens_per_s": {k: summary(v) for k, v in speeds.items()}, "same_tokens": same}
 
 
+def result_tables(result: dict) -> dict:
+    """The payload's ``table`` entry (see ``benchmarks/_common.py``), from its figures; peer: transformers."""
+    peer = result["decode"]["transformers"]["median"]
+    rows = [[name, *(load[key] for key in ("seconds", "first_logits_s", "warm_s", "peak_mib")),
+             result["decode"][name], result["decode"][name]["median"] / peer] for name, load in result["load"].items()]
+    return {"table": table(f"Loading a {result['parameters'] / 1e6:.1f} M-parameter transformers Llama checkpoint, "
+                           f"greedy decoding (identical tokens: {result['same_tokens']})",
+                           ["library", "load s", "load + 1st forward s", "warm reload s", "load peak MiB",
+                            "greedy tokens/s (batch 1)", "decode vs transformers"], rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 4-layer model, fewer repeats")
@@ -142,7 +153,8 @@ def main() -> None:
     print_table(["library", "load s", "load + 1st forward s", "warm reload s", "load peak MiB",
                  "greedy tokens/s (b=1)"], rows)
     print(f"greedy outputs identical: {decoding['same_tokens']}")
-    print(f"wrote {save('bench_import' + ('_quick' if args.quick else ''), result)}")
+    result["quick"] = args.quick
+    print(f"wrote {save('bench_import' + ('_quick' if args.quick else ''), {**result, **result_tables(result)})}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import torch
 
 import zoo
-from benchmarks._common import RESULTS, alternate, matmul_peak_flops, print_table, save, summary
+from benchmarks._common import RESULTS, alternate, matmul_peak_flops, print_table, save, summary, table
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2, d_hidden=896,
              vocab=32000, batch=8, seq=256)
@@ -134,6 +134,20 @@ def plot(results: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def result_tables(results: dict) -> dict:
+    """The payload's ``table`` and ``tables`` entries (see ``benchmarks/_common.py``), from its figures."""
+    tps, block = results["tokens_per_sec"], results["moe_block_tokens_per_sec"]
+    peer, block_peer = tps["transformers grouped_mm"]["median"], block["transformers grouped_mm"]["median"]
+    return {
+        "table": table("Training step (fwd + bwd + AdamW, bf16 autocast), peer: transformers MixtralForCausalLM",
+                       ["model", "tokens/s", "vs transformers grouped_mm", "fraction of bf16 peak"],
+                       [[n, t, t["median"] / peer, results["fraction_of_peak"][n]] for n, t in tps.items()]),
+        "tables": [table("MoE block alone (router + experts, fwd + bwd), peer: transformers' Mixtral block",
+                         ["block", "tokens/s", "vs transformers grouped_mm"],
+                         [[n, t, t["median"] / block_peer] for n, t in block.items()])],
+        "plots": ["moe.png"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats of 1 step")
@@ -180,7 +194,7 @@ def main() -> None:
                "moe_block_speedup_vs_transformers_grouped_mm": layer_tps["zoo"]["median"] / layer_base,
                "moe_block_speedup_vs_transformers_eager":
                    layer_tps["zoo"]["median"] / layer_tps["transformers eager"]["median"]}
-    path = save("moe", results)
+    path = save("moe", {**results, **result_tables(results)})
     plot(results, RESULTS / "moe.png")
     print(f"wrote {path} and {RESULTS / 'moe.png'}")
 

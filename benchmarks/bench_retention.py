@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, alternate, print_table, save, summary
+from benchmarks._common import RESULTS, alternate, print_table, save, scaled, summary, table
 from zoo.blocks.retention import MultiScaleRetention, RetentionConfig
 from zoo.registry import BlockContext
 
@@ -64,6 +64,19 @@ def peak_memory_mib(mode: str, T: int) -> float:
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_retention", "--memory", mode, str(T)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def result_tables(payload: dict, name: str) -> dict:
+    """The payload's ``table`` entry (see ``benchmarks/_common.py``), from its figures; the peer of the
+    chunkwise form is the parallel form (the plain-PyTorch reference)."""
+    rows = [[r["T"], scaled(r["parallel"]["time_s"], 1e3), scaled(r["chunkwise"]["time_s"], 1e3),
+             r["parallel"]["time_s"]["median"] / r["chunkwise"]["time_s"]["median"], r["parallel"]["peak_mib"],
+             r["chunkwise"]["peak_mib"], r["chunkwise"]["peak_mib"] / r["parallel"]["peak_mib"]]
+            for r in payload["results"]]
+    return {"table": table("Retention mixer fwd + bwd (d 256, 4 heads, batch 1, bf16 autocast): chunkwise vs parallel",
+                           ["T", "parallel ms", "chunkwise ms", "chunkwise speed-up", "parallel peak MiB",
+                            "chunkwise peak MiB", "chunkwise / parallel memory"], rows),
+            "plots": [f"{name}.png"], "quick": name.endswith("_quick")}
 
 
 def main() -> None:
@@ -113,9 +126,10 @@ def main() -> None:
         print("\nchunk-size sweep, chunkwise fwd+bwd at T=2048")
         print_table(["chunk_size", "ms"], [[s["chunk_size"], s["time_s"]["median"] * 1e3] for s in sweep])
     name = "bench_retention_quick" if args.quick else "bench_retention"
-    path = save(name, {"shape": {"d_model": D_MODEL, "n_heads": N_HEADS, "batch": BATCH, "dtype": "bf16-autocast"},
-                       "memory_method": "rise of VmHWM (reset via /proc/self/clear_refs) over VmRSS, fresh process",
-                       "results": results, "chunk_sweep_T2048": sweep})
+    payload = {"shape": {"d_model": D_MODEL, "n_heads": N_HEADS, "batch": BATCH, "dtype": "bf16-autocast"},
+               "memory_method": "rise of VmHWM (reset via /proc/self/clear_refs) over VmRSS, fresh process",
+               "results": results, "chunk_sweep_T2048": sweep}
+    path = save(name, {**payload, **result_tables(payload, name)})
     plot(results, RESULTS / f"{name}.png")
     print(f"\nwrote {path}")
 

@@ -9,7 +9,8 @@ Four measurements, interleaved over repeats (medians reported) so that machine l
   included, validation, checkpoints and start-up excluded).
 
 Data loading's share of step time is ``data / step`` per batch; it must stay under 5%.
-Run from the repository root: ``python -m benchmarks.bench_train [--preset dense-tiny] [--steps 8] [--repeats 3]``.
+Run from the repository root: ``python -m benchmarks.bench_train [--preset dense-tiny] [--steps 8] [--repeats 3]
+[--quick]``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,20 @@ from pathlib import Path
 import torch
 
 import zoo
-from benchmarks._common import alternate, print_table, save, summary
+from benchmarks._common import alternate, print_table, save, scaled, summary, table
 from zoo.data import ZooDataModule
 from zoo.training import param_groups, train
+
+
+def result_tables(payload: dict) -> dict:
+    """The payload's ``table`` entry (see ``benchmarks/_common.py``), from its figures; the peer of each run
+    is the model step alone on a batch already in memory."""
+    per_step = payload["seconds_per_step"]
+    base = per_step["step"]["median"]
+    rows = [[name, scaled(t, 1e3), payload["tokens_per_sec"].get(name), 100 * t["median"] / base]
+            for name, t in per_step.items()]
+    return {"table": table(f"{payload['preset']} training, {payload['tokens_per_step']} tokens/step, "
+                           f"{payload['precision']}", ["run", "ms/step", "tokens/s", "% of the model step"], rows)}
 
 
 def main() -> None:
@@ -33,8 +45,13 @@ def main() -> None:
     parser.add_argument("--preset", default="dense-tiny")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="1 repeat of 2 steps, small batches of pydoc-topics")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 2, 1
+        args.overrides = ["train.batch_size=2", "train.data.seq_len=64", "train.data.corpus=pydoc-topics",
+                          *args.overrides]
 
     config = zoo.load_config(args.preset, args.overrides)
     train_cfg = config.train
@@ -89,12 +106,13 @@ def main() -> None:
     print_table(["run", "ms/step", "tokens/s", "% of step"], rows)
     share = med["data"] / med["step"]
     print(f"data loading: {100 * share:.2f}% of the model step ({'under' if share < 0.05 else 'OVER'} the 5% budget)")
-    path = save("bench_train", {
+    payload = {
         "preset": args.preset, "overrides": args.overrides, "steps": args.steps, "repeats": args.repeats,
-        "tokens_per_step": tokens_per_step, "precision": train_cfg.precision,
+        "quick": args.quick, "tokens_per_step": tokens_per_step, "precision": train_cfg.precision,
         "seconds_per_step": {k: summary(v) for k, v in results.items()},
         "tokens_per_sec": {k: tokens_per_step / v for k, v in med.items() if k != "data"},
-        "data_share_of_step": share})
+        "data_share_of_step": share}
+    path = save("bench_train" + ("_quick" if args.quick else ""), {**payload, **result_tables(payload)})
     print(f"wrote {path}")
 
 

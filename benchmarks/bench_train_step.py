@@ -14,7 +14,7 @@ import time
 import torch
 
 import zoo
-from benchmarks._common import alternate, matmul_peak_flops, print_table, save, summary
+from benchmarks._common import alternate, matmul_peak_flops, print_table, save, summary, table
 
 SHAPES = {
     "dense-tiny": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_hidden=704, batch=16, seq=256),
@@ -65,6 +65,15 @@ def stepper(model, s, steps: int):
     return run
 
 
+def result_tables(payload: dict) -> dict:
+    """The payload's ``table`` entry (see ``benchmarks/_common.py``), from its figures."""
+    rows = [[shape, e["tokens_per_sec"]["zoo"], e["tokens_per_sec"]["transformers"], e["speedup_vs_transformers"],
+             e["mfu"]["zoo"], e["mfu"]["transformers"]] for shape, e in payload["results"].items()]
+    return {"table": table("Training step (fwd + bwd + AdamW, bf16 autocast), peer: transformers LlamaForCausalLM",
+                           ["shape", "zoo tokens/s", "transformers tokens/s", "zoo / transformers",
+                            "zoo fraction of bf16 peak", "transformers fraction of bf16 peak"], rows)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats of 1 step")
@@ -93,8 +102,9 @@ def main() -> None:
                      entry["speedup_vs_transformers"], entry["mfu"]["zoo"], entry["mfu"]["transformers"]])
     print(f"bf16 matmul peak: {peak / 1e9:,.0f} GFLOP/s")
     print_table(["shape", "zoo tok/s", "hf tok/s", "zoo/hf", "zoo frac. of peak", "hf frac. of peak"], rows)
-    path = save("train_step", {"bf16_matmul_peak_flops": peak, "repeats": repeats, "steps_per_repeat": steps,
-                               "quick": args.quick, "results": results})
+    payload = {"bf16_matmul_peak_flops": peak, "repeats": repeats, "steps_per_repeat": steps, "quick": args.quick,
+               "results": results}
+    path = save("train_step", {**payload, **result_tables(payload)})
     print(f"wrote {path}")
 
 

@@ -1,0 +1,83 @@
+"""The benchmark suite does not rot: ``python -m benchmarks --quick`` on cheap scripts writes well-formed JSON
+and a RESULTS.md with a section per JSON; the reproductions' helpers compute what they claim."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks._common import table
+from benchmarks._render import render
+from benchmarks._train import steps_to_reach
+from benchmarks.reproduce_scaling import fit_power_law, predict
+from benchmarks.run_all import discover
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_SCRIPTS = ["gpu_suite", "reproduce_switch_vs_dense"]  # the cheapest: seconds on 2 CPU cores
+
+
+def check_payload(payload: dict) -> None:
+    assert isinstance(payload["benchmark"], str)
+    assert {"cpu", "threads", "torch"} <= set(payload["machine"])
+    for t in [payload["table"], *payload.get("tables", [])]:
+        assert t["title"] and t["columns"] and t["rows"]
+        assert all(len(row) == len(t["columns"]) for row in t["rows"]), t["title"]
+
+
+def test_quick_suite_schema(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(tmp_path),
+                          "--only", *QUICK_SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    payloads = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert {p["benchmark"] for p in payloads} == {"gpu_suite", "reproduce_switch_vs_dense_quick"}
+    page = (tmp_path / "RESULTS.md").read_text()
+    for payload in payloads:
+        check_payload(payload)
+        assert f"## {payload['benchmark']}" in page
+        for plot in payload.get("plots", []):
+            assert (tmp_path / plot).is_file()
+    switch = next(p for p in payloads if p["benchmark"].startswith("reproduce_switch"))
+    assert switch["quick"] and switch["reading"] and len(switch["results"]["dense"]["val_loss_curve"]) >= 2
+    assert "not run" in page  # reproductions absent from this pass are listed as such
+
+
+def test_committed_results_follow_the_convention():
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        check_payload(json.loads(path.read_text()))
+
+
+def test_discovery_finds_every_script():
+    names = discover()
+    assert {"bench_moe", "reproduce_balancing", "reproduce_scaling", "gpu_suite"} <= set(names)
+    assert not any(n.startswith("_") for n in names)
+
+
+def test_render_tolerates_payloads_without_table(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps({"benchmark": "old", "machine": {"cpu": "x"}, "value": 1}))
+    (tmp_path / "new.json").write_text(json.dumps({
+        "benchmark": "new", "machine": {"cpu": "x", "threads": 2, "torch": "2"}, "reading": "it went fine",
+        "table": table("t", ["a", "b"], [["zoo", {"median": 2.0, "min": 1.0, "max": 3.0}]])}))
+    page = render(tmp_path).read_text()
+    assert "## old" in page and "no `table` entry" in page
+    assert "| zoo | 2.000 (1.000–3.000) |" in page and "it went fine" in page
+
+
+def test_table_checks_row_width():
+    with pytest.raises(ValueError, match="2 cells for 3 columns"):
+        table("t", ["a", "b", "c"], [[1, 2]])
+
+
+def test_power_law_fit_recovers_known_curve():
+    ns = [1e5, 3e5, 1e6, 3e6]
+    fit = fit_power_law(ns, [1.5 + 40.0 * n ** -0.35 for n in ns])
+    assert fit["alpha"] == pytest.approx(0.35, abs=0.006)
+    assert predict(fit, 1e7) == pytest.approx(1.5 + 40.0 * 1e7 ** -0.35, rel=1e-3)
+
+
+def test_steps_to_reach_interpolates():
+    curve = [(10, 3.0), (20, 2.0), (30, 1.5)]
+    assert steps_to_reach(curve, 2.5) == pytest.approx(15.0)
+    assert steps_to_reach(curve, 3.5) == 10.0
+    assert steps_to_reach(curve, 1.0) is None
