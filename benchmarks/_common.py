@@ -12,8 +12,9 @@ keys, a payload may carry (all optional, so older payloads still render):
 - ``plots``: PNG file names, relative to the results directory.
 - ``quick``: true for a ``--quick`` pass.
 
-Results go to ``RESULTS`` (``benchmarks/results``), or to the directory in ``$ZOO_BENCH_RESULTS`` when set --
-``python -m benchmarks --quick`` uses that so a quick pass never overwrites the committed full results.
+Results go to ``RESULTS``: the directory in ``$ZOO_BENCH_RESULTS`` when set (``python -m benchmarks`` sets it),
+else ``benchmarks/results`` -- or ``benchmarks/.quick`` when the script runs with ``--quick``, so a quick pass,
+even of one script alone, never overwrites the committed full results.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +31,8 @@ from typing import Callable
 import torch
 
 RESULTS_ENV = "ZOO_BENCH_RESULTS"
-RESULTS = Path(os.environ.get(RESULTS_ENV) or Path(__file__).resolve().parent / "results")
+RESULTS = Path(os.environ.get(RESULTS_ENV)
+               or Path(__file__).resolve().parent / (".quick" if "--quick" in sys.argv[1:] else "results"))
 
 
 def machine() -> dict:

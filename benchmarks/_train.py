@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-# Attention runs on the `eager` backend in the reproductions: the same function as SDPA (tested), but SDPA's
-# bf16 backward on this CPU measured ~8x slower than eager (3.4 s vs 0.43 s per dense-tiny step at 8 x 128).
+# Attention runs on the `eager` backend in the reproductions: the same function as SDPA (tested), and faster for
+# these tiny shapes in bf16 on this CPU (dense-tiny step at 8 x 128: 0.086 s eager vs 0.119 s SDPA on a quiet
+# machine; under CPU contention SDPA's kernel degraded to ~8x slower, 3.4 s vs 0.43 s).
 EAGER_ATTENTION = "model.mixer.backend=eager"
 
 

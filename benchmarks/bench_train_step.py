@@ -14,7 +14,7 @@ import time
 import torch
 
 import zoo
-from benchmarks._common import alternate, matmul_peak_flops, print_table, save, summary, table
+from benchmarks._common import alternate, matmul_peak_flops, plot_path, print_table, save, summary, table
 
 SHAPES = {
     "dense-tiny": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_hidden=704, batch=16, seq=256),
@@ -74,6 +74,34 @@ def result_tables(payload: dict) -> dict:
                             "zoo fraction of bf16 peak", "transformers fraction of bf16 peak"], rows)}
 
 
+def plot(payload: dict) -> str:
+    """Tokens/s (medians, min-max bars) and fraction of the bf16 peak per shape, zoo beside transformers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes, impls = list(payload["results"]), ["zoo", "transformers"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for offset, impl in zip((-0.2, 0.2), impls):
+        xs = [i + offset for i in range(len(shapes))]
+        tps = [payload["results"][s]["tokens_per_sec"][impl] for s in shapes]
+        errors = [[t["median"] - t["min"] for t in tps], [t["max"] - t["median"] for t in tps]]
+        axes[0].bar(xs, [t["median"] for t in tps], width=0.4, yerr=errors, capsize=3, label=impl)
+        axes[1].bar(xs, [payload["results"][s]["mfu"][impl] for s in shapes], width=0.4, label=impl)
+    for ax, label in zip(axes, ("tokens/s (median, min-max)", "fraction of measured bf16 matmul peak")):
+        ax.set_xticks(range(len(shapes)), shapes)
+        ax.set_ylabel(label)
+        ax.legend()
+    axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    fig.suptitle("Training step, bf16 autocast on CPU: zoo vs transformers LlamaForCausalLM")
+    fig.tight_layout()
+    path = plot_path("train_step")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats of 1 step")
@@ -104,7 +132,7 @@ def main() -> None:
     print_table(["shape", "zoo tok/s", "hf tok/s", "zoo/hf", "zoo frac. of peak", "hf frac. of peak"], rows)
     payload = {"bf16_matmul_peak_flops": peak, "repeats": repeats, "steps_per_repeat": steps, "quick": args.quick,
                "results": results}
-    path = save("train_step", {**payload, **result_tables(payload)})
+    path = save("train_step", {**payload, **result_tables(payload), "plots": [plot(payload)]})
     print(f"wrote {path}")
 
 
