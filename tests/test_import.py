@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import zoo  # noqa: E402
+from zoo.aux import AuxCollector  # noqa: E402
 from zoo.convert import supported_model_types  # noqa: E402
 from zoo.hub import CheckpointError  # noqa: E402
 
@@ -102,15 +103,89 @@ def test_rope_theta_in_the_older_config_form(tmp_path):
     assert model.config.model.mixer.options.rope_theta == 500.0
 
 
-def test_deepseek_mtp_layer_is_skipped_with_a_message(tmp_path):
+def deepseek_with_mtp(tmp_path, perturb_head_copy: bool = False):
+    """A tiny DeepSeek-V3 checkpoint in the released layout: the main layers, then one MTP layer at
+    ``model.layers.{n_layers}`` (enorm, hnorm, eh_proj, a MoE decoder layer, shared_head, and copies of the
+    embedding and head). Returns the transformers model, the MTP layer's modules, and the path."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
     hf = hf_model("deepseek_v3")
+    config, d = hf.config, hf.config.hidden_size
+    torch.manual_seed(1)
+    mtp = torch.nn.ModuleDict({"enorm": DeepseekV3RMSNorm(d, config.rms_norm_eps),
+                               "hnorm": DeepseekV3RMSNorm(d, config.rms_norm_eps),
+                               "eh_proj": torch.nn.Linear(2 * d, d, bias=False),
+                               "layer": DeepseekV3DecoderLayer(config, layer_idx=config.num_hidden_layers),
+                               "norm": DeepseekV3RMSNorm(d, config.rms_norm_eps)})
+    for module in mtp.modules():
+        hf._init_weights(module)
+    with torch.no_grad():
+        for name, p in mtp.named_parameters():
+            if "norm" in name:  # norms away from 1, so that each is seen to be mapped to its place
+                p.normal_(1.0, 0.2)
+        mtp["layer"].mlp.gate.e_score_correction_bias.normal_(std=0.05)
     hf.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
-    weights["model.layers.2.eh_proj.weight"] = torch.zeros(32, 64)
-    weights["model.layers.2.enorm.weight"] = torch.ones(32)
+    prefix = f"model.layers.{config.num_hidden_layers}"
+    for name, tensor in mtp["layer"].state_dict().items():
+        weights[f"{prefix}.{name}"] = tensor.contiguous()
+    for name in ("enorm", "hnorm", "eh_proj"):
+        weights[f"{prefix}.{name}.weight"] = mtp[name].weight.detach().clone()
+    weights[f"{prefix}.shared_head.norm.weight"] = mtp["norm"].weight.detach().clone()
+    weights[f"{prefix}.embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+    weights[f"{prefix}.shared_head.head.weight"] = weights["lm_head.weight"].clone() + (1e-3 if perturb_head_copy else 0)
     save_file(weights, tmp_path / "model.safetensors")
-    with pytest.warns(UserWarning, match="skipping the DeepSeek-V3 multi-token-prediction layer"):
-        assert_parity(hf, tmp_path, new_tokens=2)
+    return hf, mtp, tmp_path
+
+
+def reference_mtp_logits(hf, mtp, ids: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's MTP depth 1 computed with transformers' own layers: position i reads the main model's
+    last hidden state (before its final norm) and the embedding of token i+1, and predicts token i+2."""
+    captured = {}
+    hook = hf.model.layers[-1].register_forward_hook(lambda module, args, out: captured.update(h=out))
+    hf(ids)
+    hook.remove()
+    h, T = captured["h"][:, :-1], ids.shape[1] - 1
+    x = mtp["eh_proj"](torch.cat([mtp["enorm"](hf.model.embed_tokens(ids[:, 1:])), mtp["hnorm"](h)], dim=-1))
+    position_ids = torch.arange(T)[None]
+    causal = torch.full((T, T), float("-inf")).triu(1)[None, None]
+    x = mtp["layer"](x, attention_mask=causal, position_ids=position_ids,
+                     position_embeddings=hf.model.rotary_emb(x, position_ids))
+    return hf.lm_head(mtp["norm"](x))
+
+
+def test_deepseek_mtp_layer_is_imported(tmp_path):
+    hf, mtp, path = deepseek_with_mtp(tmp_path)
+    model = assert_parity(hf, path, new_tokens=3)  # the main model is unchanged by the MTP layer beside it
+    assert model.config.model.mtp.depth == 1 and model.config.model.mtp.heads == "sequential"
+    ids = torch.randint(0, hf.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = reference_mtp_logits(hf, mtp, ids)
+        h = model.hidden_states(ids, AuxCollector())
+        got = model.head(model.mtp.layers[0].norm(model.mtp.step(1, h[:, :-1], ids[:, 1:], model.embed, AuxCollector())))
+    rel = (got - expected).abs().max() / expected.abs().max()
+    assert rel <= 1e-4, f"relative MTP logit error {rel:.2e}"
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        plain = model.generate(prompt, max_new_tokens=8)
+        speculative, stats = model.generate(prompt, max_new_tokens=8, speculative="mtp", return_stats=True)
+    assert torch.equal(speculative, plain) and stats["drafted"] > 0
+    assert zoo.from_pretrained(path, drop_mtp=True).mtp is None
+
+
+def test_deepseek_mtp_layer_with_its_own_head_is_skipped_with_a_message(tmp_path):
+    hf, _, path = deepseek_with_mtp(tmp_path, perturb_head_copy=True)
+    with pytest.warns(UserWarning, match="skipping the DeepSeek-V3 multi-token-prediction layers.*shared_head.head"):
+        model = assert_parity(hf, path, new_tokens=2)
+    assert model.mtp is None
+
+
+def test_deepseek_mtp_layers_must_match_num_nextn_predict_layers(tmp_path):
+    hf, _, path = deepseek_with_mtp(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 2}))
+    with pytest.raises(CheckpointError, match=r"model.layers.\[2\] do not match num_nextn_predict_layers=2"):
+        zoo.from_pretrained(path)
 
 
 def test_unknown_model_type_lists_the_supported(tmp_path):

@@ -8,8 +8,14 @@ dense SwiGLU; the others are zoo's ``moe``: sigmoid scores, ``e_score_correction
 selection only (zoo's loss-free ``expert_bias``), group-limited top-k, weights from the unbiased
 scores normalised and scaled by ``routed_scaling_factor``, plus shared experts (DESIGN §8).
 
-The multi-token-prediction layer(s) released with DeepSeek-V3 (``model.layers.{n_layers}...``) are
-skipped with a warning: zoo's MTP import is not there yet.
+The multi-token-prediction layers released with DeepSeek-V3 (``model.layers.{n_layers + k - 1}``, ``k = 1 ..
+num_nextn_predict_layers``) become zoo's sequential MTP modules (``model.mtp``, :mod:`zoo.blocks.mtp`):
+``enorm`` / ``hnorm`` / ``eh_proj`` are the embedding norm, hidden-state norm and 2d -> d projection (embedding
+first, as zoo concatenates), ``shared_head.norm`` the module's final norm, and the block is converted like a
+main-model layer (a MoE layer, whatever ``first_k_dense_replace`` says, as in DeepSeek's inference code). The
+layer's own copies of the embedding and output head (``embed_tokens``, ``shared_head.head``) must equal the main
+model's, which zoo shares; when they differ the MTP layers are skipped with a warning. transformers itself
+drops these layers, so checkpoints saved by transformers import without MTP.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import warnings
 import torch
 
 from zoo.convert.common import (HFConfig, Tensors, check_dense_options, decoder_config, embeddings_and_head,
-                                experts, layer_norms, rope_theta, swiglu)
+                                experts, rope_theta, swiglu)
+from zoo.hub import CheckpointError
 
 
 def convert(config: HFConfig, t: Tensors) -> dict:
@@ -47,45 +54,87 @@ def convert(config: HFConfig, t: Tensors) -> dict:
     first_dense = min(config.get("first_k_dense_replace", 0), n_layers)
     interleaved = bool(config.get("rope_interleave", True))
 
-    mtp = t.drop(lambda k: (m := re.match(r"model\.layers\.(\d+)\.", k)) is not None and int(m[1]) >= n_layers)
-    if mtp:
-        warnings.warn(f"{t.source}: skipping the DeepSeek-V3 multi-token-prediction layer(s) "
-                      f"({len(mtp)} tensors under model.layers.{n_layers}+): zoo does not import MTP yet",
-                      stacklevel=3)
-
     def q_rows(weight: torch.Tensor) -> torch.Tensor:  # per head: nope rows, then rope rows
         return _deinterleave(weight, heads, nope + rope, nope) if interleaved else weight
 
+    def block(src: str, dst: str, dense_ffn: bool) -> None:
+        """One decoder layer ``src`` (HF prefix) -> a zoo :class:`~zoo.model.Block` ``dst``."""
+        t.move(f"{src}.input_layernorm.weight", f"{dst}.mixer_norm.weight")
+        t.move(f"{src}.post_attention_layernorm.weight", f"{dst}.ffn_norm.weight")
+        src_attn, dst_attn = f"{src}.self_attn", f"{dst}.mixer"
+        if q_lora_rank is None:
+            t.put(f"{dst_attn}.q_proj.weight", q_rows(t.take(f"{src_attn}.q_proj.weight")))
+        else:
+            t.move(f"{src_attn}.q_a_proj.weight", f"{dst_attn}.q_down.weight")
+            t.move(f"{src_attn}.q_a_layernorm.weight", f"{dst_attn}.q_norm.weight")
+            t.put(f"{dst_attn}.q_up.weight", q_rows(t.take(f"{src_attn}.q_b_proj.weight")))
+        kv_down = t.take(f"{src_attn}.kv_a_proj_with_mqa.weight")
+        t.put(f"{dst_attn}.kv_down.weight", _deinterleave(kv_down, 1, kv_lora_rank + rope, kv_lora_rank)
+              if interleaved else kv_down)
+        t.move(f"{src_attn}.kv_a_layernorm.weight", f"{dst_attn}.kv_norm.weight")
+        t.move(f"{src_attn}.kv_b_proj.weight", f"{dst_attn}.kv_up.weight")
+        t.move(f"{src_attn}.o_proj.weight", f"{dst_attn}.out.weight")
+        src_ffn, dst_ffn = f"{src}.mlp", f"{dst}.ffn"
+        if dense_ffn:
+            swiglu(t, src_ffn, dst_ffn)
+            return
+        experts(t, f"{src_ffn}.experts", f"{dst_ffn}.experts", n_experts, ("gate_proj", "up_proj", "down_proj"))
+        t.move(f"{src_ffn}.gate.weight", f"{dst_ffn}.router.weight")
+        t.put(f"{dst_ffn}.router.expert_bias", t.take(f"{src_ffn}.gate.e_score_correction_bias").float())
+        if n_shared:
+            swiglu(t, f"{src_ffn}.shared_experts", f"{dst_ffn}.shared")
+
     embeddings_and_head(config, t)
     for i in range(n_layers):
-        layer_norms(t, i)
-        src, dst = f"model.layers.{i}.self_attn", f"blocks.{i}.mixer"
-        if q_lora_rank is None:
-            t.put(f"{dst}.q_proj.weight", q_rows(t.take(f"{src}.q_proj.weight")))
-        else:
-            t.move(f"{src}.q_a_proj.weight", f"{dst}.q_down.weight")
-            t.move(f"{src}.q_a_layernorm.weight", f"{dst}.q_norm.weight")
-            t.put(f"{dst}.q_up.weight", q_rows(t.take(f"{src}.q_b_proj.weight")))
-        kv_down = t.take(f"{src}.kv_a_proj_with_mqa.weight")
-        t.put(f"{dst}.kv_down.weight", _deinterleave(kv_down, 1, kv_lora_rank + rope, kv_lora_rank)
-              if interleaved else kv_down)
-        t.move(f"{src}.kv_a_layernorm.weight", f"{dst}.kv_norm.weight")
-        t.move(f"{src}.kv_b_proj.weight", f"{dst}.kv_up.weight")
-        t.move(f"{src}.o_proj.weight", f"{dst}.out.weight")
+        block(f"model.layers.{i}", f"blocks.{i}", dense_ffn=i < first_dense)
+    mtp_depth = _mtp_depth(config, t, n_layers)
+    for k in range(mtp_depth):
+        src, dst = f"model.layers.{n_layers + k}", f"mtp.layers.{k}"
+        t.move(f"{src}.enorm.weight", f"{dst}.embed_norm.weight")
+        t.move(f"{src}.hnorm.weight", f"{dst}.hidden_norm.weight")
+        t.move(f"{src}.eh_proj.weight", f"{dst}.proj.weight")
+        t.move(f"{src}.shared_head.norm.weight", f"{dst}.norm.weight")
+        block(src, f"{dst}.block", dense_ffn=False)
 
-        src, dst = f"model.layers.{i}.mlp", f"blocks.{i}.ffn"
-        if i < first_dense:
-            swiglu(t, src, dst)
-            continue
-        experts(t, f"{src}.experts", f"{dst}.experts", n_experts, ("gate_proj", "up_proj", "down_proj"))
-        t.move(f"{src}.gate.weight", f"{dst}.router.weight")
-        t.put(f"{dst}.router.expert_bias", t.take(f"{src}.gate.e_score_correction_bias").float())
-        if n_shared:
-            swiglu(t, f"{src}.shared_experts", f"{dst}.shared")
     dense = {"type": "mlp", "d_hidden": config.require("intermediate_size")}
     if first_dense == n_layers:
-        return decoder_config(config, mixer, dense)
-    return decoder_config(config, mixer, moe, {i: {"ffn": dense} for i in range(first_dense)})
+        zoo_config = decoder_config(config, mixer, dense)
+    else:
+        zoo_config = decoder_config(config, mixer, moe, {i: {"ffn": dense} for i in range(first_dense)})
+    if mtp_depth:
+        zoo_config["model"]["mtp"] = {"depth": mtp_depth, "heads": "sequential",
+                                      **({"ffn": moe} if first_dense == n_layers else {})}
+    return zoo_config
+
+
+def _mtp_depth(config: HFConfig, t: Tensors, n_layers: int) -> int:
+    """How many MTP layers to import (the layers indexed ``n_layers`` and up); their copies of the shared
+    embedding and head are checked against the main model's and dropped. 0, with the layers dropped and a
+    warning, when a copy differs."""
+    def layer_index(name: str) -> int | None:
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return int(m[1]) if m and int(m[1]) >= n_layers else None
+
+    found = sorted({i for k in list(t.hf) if (i := layer_index(k)) is not None})
+    if not found:
+        return 0
+    expected = config.get("num_nextn_predict_layers", len(found))
+    if found != list(range(n_layers, n_layers + expected)):
+        raise CheckpointError(f"{t.source}: multi-token-prediction layers model.layers.{found} do not match "
+                              f"num_nextn_predict_layers={expected} (expected model.layers.{n_layers}.."
+                              f"{n_layers + expected - 1})")
+    main_head = t.zoo.get("head.weight", t.zoo["embed.weight"])
+    for i in found:
+        for own, shared in ((f"model.layers.{i}.embed_tokens.weight", t.zoo["embed.weight"]),
+                            (f"model.layers.{i}.shared_head.head.weight", main_head)):
+            if t.has(own) and not torch.equal(t.hf[own], shared):
+                dropped = t.drop(lambda k: layer_index(k) is not None)
+                warnings.warn(f"{t.source}: skipping the DeepSeek-V3 multi-token-prediction layers ({len(dropped)} "
+                              f"tensors): {own} differs from the main model's, which zoo's MTP modules share",
+                              stacklevel=5)
+                return 0
+            t.drop(lambda k: k == own)
+    return len(found)
 
 
 def _deinterleave(weight: torch.Tensor, groups: int, group_rows: int, rope_start: int) -> torch.Tensor:
