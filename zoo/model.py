@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zoo import registry
@@ -19,6 +18,7 @@ from zoo.aux import AuxCollector
 from zoo.blocks.mtp import MultiTokenPrediction
 from zoo.config import ConfigError, ZooConfig
 from zoo.fp8.convert import apply_fp8
+from zoo.losses import shifted_cross_entropy
 from zoo.registry import BlockContext
 
 
@@ -106,7 +106,7 @@ class ZooModel(nn.Module):
                         metrics={k: torch.stack(v).mean() for k, v in aux.metrics.items()})
         out.metrics.update(mtp_metrics or {})
         if labels is not None:
-            out.lm_loss = lm_loss(logits, labels)
+            out.lm_loss = shifted_cross_entropy(logits, labels)  # t scored on labels[t + 1]
             out.aux_loss = aux.total_loss()
             out.mtp_loss = mtp_loss
             out.loss = sum(x for x in (out.aux_loss, out.mtp_loss) if x is not None) + out.lm_loss
@@ -172,13 +172,6 @@ class ZooModel(nn.Module):
         if not active:
             return sum(p.numel() for p in self.parameters())
         return _active_parameters(self, set())
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in at least float32: position t predicts ``labels[:, t + 1]``."""
-    logits = logits[:, :-1].flatten(0, 1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def _active_parameters(module: nn.Module, seen: set) -> int:

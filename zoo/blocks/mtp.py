@@ -31,12 +31,12 @@ default), so MoE FFNs report their aux losses and router counts, and their balan
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from zoo import registry
 from zoo.aux import AuxCollector
 from zoo.config import MTPConfig, ZooConfig
+from zoo.losses import shifted_cross_entropy
 from zoo.registry import BlockContext
 
 
@@ -110,8 +110,7 @@ class MultiTokenPrediction(nn.Module):
                 continue
             trunk = h_prev if self.sequential else h
             h_k = self.step(k, trunk[:, :T - k], input_ids[:, k:], embed, aux)  # (B, T-k, d)
-            logits = head(self.layers[k - 1].norm(h_k))[:, :-1]  # position i predicts t_{i+k+1}
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            ces.append(F.cross_entropy(logits.flatten(0, 1), labels[:, k + 1:].flatten(), ignore_index=-100))
+            logits = head(self.layers[k - 1].norm(h_k))  # (B, T-k, V): position i predicts t_{i+k+1}
+            ces.append(shifted_cross_entropy(logits, labels, shift=k + 1))
             h_prev = h_k
         return self.config.loss_weight / self.depth * sum(ces), ces
