@@ -10,7 +10,7 @@ from torch import nn
 
 import zoo
 from zoo.aux import AuxCollector
-from zoo.blocks.experts import naive_experts
+from zoo.blocks.experts import naive_experts, pad_groups, sort_by_expert
 from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
 from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
@@ -66,6 +66,24 @@ def test_float64_falls_back_to_the_loop_and_grouped_mm_refuses_it():
     assert moe().double()(x).dtype == torch.float64
     with pytest.raises(RuntimeError, match="dispatch='grouped_mm'"):
         moe(dispatch="grouped_mm").double()(x)
+
+
+def test_padded_groups_keep_every_pair_and_pad_with_zero_weight_rows():
+    indices = torch.tensor([[0, 2], [2, 1], [0, 2], [3, 0], [2, 1]])  # 5 tokens, top-2 of 4 experts
+    weights = torch.rand(5, 2)
+    pairs = sort_by_expert(indices, weights, 4)
+    padded = pad_groups(pairs, n_tokens=5, align=4)
+    assert padded.counts.tolist() == [4, 4, 4, 4]  # 3, 2, 4, 1 rows rounded up to multiples of 4
+    assert padded.offsets.tolist() == [4, 8, 12, 16]
+    real = padded.token != 5  # padding rows read token 5, the appended zero row
+    assert torch.equal(padded.token[real], pairs.token) and torch.equal(padded.weight[real], pairs.weight)
+    assert padded.weight[~real].abs().max() == 0
+    start = 0
+    for e, (count, padded_count) in enumerate(zip(pairs.counts.tolist(), padded.counts.tolist())):
+        rows = padded.token[start:start + padded_count]
+        assert (rows[:count] != 5).all() and (rows[count:] == 5).all()  # each expert's real rows first
+        assert (indices[rows[:count]] == e).any(dim=1).all()
+        start += padded_count
 
 
 # --------------------------------------------------------------------------- router

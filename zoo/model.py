@@ -18,7 +18,7 @@ from zoo.aux import AuxCollector
 from zoo.blocks.mtp import MultiTokenPrediction
 from zoo.config import ConfigError, ZooConfig
 from zoo.fp8.convert import apply_fp8
-from zoo.losses import shifted_cross_entropy
+from zoo.losses import linear_cross_entropy, shifted_cross_entropy
 from zoo.registry import BlockContext
 
 
@@ -94,23 +94,36 @@ class ZooModel(nn.Module):
             x = block(x, aux, states[i] if states is not None else None)
         return x
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, states=None) -> ZooOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, states=None,
+                return_logits: bool = True) -> ZooOutput:
+        """``return_logits=False`` (with labels; what training runs) leaves ``logits`` None and scores the
+        head through :func:`zoo.losses.linear_cross_entropy`, which never holds the whole logits."""
+        if labels is None and not return_logits:
+            raise ValueError("return_logits=False needs labels: without them the logits are the only output")
         aux = AuxCollector()
         h = self.hidden_states(input_ids, aux, states)
-        logits = self.head(self.norm(h))
+        h_out = self.norm(h)
+        logits = self.head(h_out) if return_logits else None
         mtp_loss = mtp_metrics = None
         if labels is not None and self.mtp is not None:  # MTP MoE layers report after the main ones
-            mtp_loss, ces = self.mtp.loss(h, input_ids, labels, self.embed, self.head, aux)
+            mtp_loss, ces = self.mtp.loss(h, input_ids, labels, self.embed, self.head_loss, aux)
             mtp_metrics = {f"mtp_ce_{k}": ce.detach() for k, ce in enumerate(ces, start=1)}
         out = ZooOutput(logits=logits, router_stats=aux.router_stats, aux_losses=aux.losses,
                         metrics={k: torch.stack(v).mean() for k, v in aux.metrics.items()})
         out.metrics.update(mtp_metrics or {})
-        if labels is not None:
-            out.lm_loss = shifted_cross_entropy(logits, labels)  # t scored on labels[t + 1]
+        if labels is not None:  # position t scored on labels[t + 1]
+            out.lm_loss = self.head_loss(h_out, labels) if logits is None else shifted_cross_entropy(logits, labels)
             out.aux_loss = aux.total_loss()
             out.mtp_loss = mtp_loss
             out.loss = sum(x for x in (out.aux_loss, out.mtp_loss) if x is not None) + out.lm_loss
         return out
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
+        """Cross-entropy of the output head on normalised ``hidden (B, T, d)``, position t scored on
+        ``labels[t + shift]``; fused with the head's matmul when the head is a plain bias-free linear."""
+        if type(self.head) is nn.Linear and self.head.bias is None:
+            return linear_cross_entropy(hidden, self.head.weight, labels, shift)
+        return shifted_cross_entropy(self.head(hidden), labels, shift)
 
     def drop_mtp(self) -> "ZooModel":
         """Remove the multi-token prediction modules (DeepSeek-V3 §2.2: "directly discard the MTP modules"

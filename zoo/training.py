@@ -98,7 +98,8 @@ class ZooLightningModule(L.LightningModule):
     def configure_optimizers(self):
         train = self.config.train
         opt = train.optimizer
-        fused = all(p.is_cuda for p in self.model.parameters())
+        devices = {p.device.type for p in self.model.parameters()}
+        fused = len(devices) == 1 and devices <= {"cpu", "cuda"}  # one kernel per step, no temporaries
         optimizer = torch.optim.AdamW(param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=opt.betas,
                                       eps=opt.eps, fused=fused or None)
         sched = train.schedule
@@ -114,7 +115,7 @@ class ZooLightningModule(L.LightningModule):
                 hook(all_reduce_sum)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
-        out = self.model(batch, labels=batch)
+        out = self.model(batch, labels=batch, return_logits=False)
         finite = torch.isfinite(out.loss.detach()).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # all ranks skip or none
@@ -192,7 +193,7 @@ class ZooLightningModule(L.LightningModule):
         self._val_counts = None
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        out = self.model(batch, labels=batch)
+        out = self.model(batch, labels=batch, return_logits=False)
         n_predicted = batch.shape[0] * (batch.shape[1] - 1)
         self._val_sums += torch.stack([out.lm_loss.detach().double() * n_predicted,
                                        torch.tensor(float(n_predicted), dtype=torch.float64, device=self.device)])

@@ -30,13 +30,14 @@ default), so MoE FFNs report their aux losses and router counts, and their balan
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from zoo import registry
 from zoo.aux import AuxCollector
 from zoo.config import MTPConfig, ZooConfig
-from zoo.losses import shifted_cross_entropy
 from zoo.registry import BlockContext
 
 
@@ -98,10 +99,12 @@ class MultiTokenPrediction(nn.Module):
         return module(h_prev, embed(next_ids) if module.sequential else None, aux, state)
 
     def loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, embed: nn.Module,
-             head: nn.Module, aux: AuxCollector) -> tuple[torch.Tensor, list[torch.Tensor]]:
+             head_loss: Callable[..., torch.Tensor], aux: AuxCollector) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(lambda / D * sum_k CE_k, [CE_1, ..., CE_D])`` from the main model's pre-norm hidden states
         ``h (B, T, d)``; depth ``k`` runs over positions ``0 .. T-k-1`` and is scored on ``labels[i+k+1]``
-        (``-100`` ignored). Depths with no position left to score (``T <= k + 1``) contribute 0."""
+        (``-100`` ignored) by the shared head, ``head_loss(hidden, labels, shift)`` (the model's
+        :meth:`~zoo.model.ZooModel.head_loss`). Depths with no position left to score (``T <= k + 1``)
+        contribute 0."""
         T = input_ids.shape[1]
         ces, h_prev = [], h
         for k in range(1, self.depth + 1):
@@ -110,7 +113,6 @@ class MultiTokenPrediction(nn.Module):
                 continue
             trunk = h_prev if self.sequential else h
             h_k = self.step(k, trunk[:, :T - k], input_ids[:, k:], embed, aux)  # (B, T-k, d)
-            logits = head(self.layers[k - 1].norm(h_k))  # (B, T-k, V): position i predicts t_{i+k+1}
-            ces.append(shifted_cross_entropy(logits, labels, shift=k + 1))
+            ces.append(head_loss(self.layers[k - 1].norm(h_k), labels, k + 1))  # position i predicts t_{i+k+1}
             h_prev = h_k
         return self.config.loss_weight / self.depth * sum(ces), ces
