@@ -166,6 +166,48 @@ def test_emulation_matches_scaled_mm_on_cpu(recipe):
         assert rel(a, b) < 1e-5
 
 
+def _cuda_scaled_mm_contract(mat1, mat2, *, scale_a, scale_b, out_dtype, **kwargs):
+    """The checks CUDA's ``torch._scaled_mm`` makes (torch 2.13, cuBLASLt and the CUTLASS rowwise kernel)
+    that its CPU kernel does not: ``mat1`` row-major, ``mat2`` column-major, dims multiples of 16, float32
+    scales shaped per tensor ``(1, 1)`` or per row ``(M, 1)`` / ``(1, N)``, rowwise e4m3 with bf16 output."""
+    (m, k), n = mat1.shape, mat2.shape[1]
+    assert mat1.is_contiguous() and mat1.stride(1) == 1, f"mat1 not row-major: strides {mat1.stride()}"
+    assert mat2.t().is_contiguous() and mat2.stride(0) == 1, f"mat2 not column-major: strides {mat2.stride()}"
+    assert k % 16 == 0 and n % 16 == 0 and m % 16 == 0, (m, k, n)
+    assert (mat1.dtype, mat2.dtype) != (E5M2, E5M2), "cuBLASLt has no e5m2 x e5m2 GEMM"
+    assert scale_a.dtype == scale_b.dtype == torch.float32
+    if scale_a.numel() == scale_b.numel() == 1:
+        assert scale_a.shape == scale_b.shape == (1, 1)
+    else:
+        assert scale_a.shape == (m, 1) and scale_b.shape == (1, n), (scale_a.shape, scale_b.shape)
+        assert scale_a.is_contiguous() and scale_b.is_contiguous()
+        assert mat1.dtype == mat2.dtype == E4M3 and out_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("weight_grad_hp", [False, True])
+def test_scaled_mm_calls_meet_the_cuda_layout_and_scale_contract(recipe, weight_grad_hp, monkeypatch):
+    """Every GEMM the scaled_mm backend sends to ``torch._scaled_mm`` (forward, input and weight gradient)
+    is checked against CUDA's operand-layout and scale rules, then run by the real CPU op: the GPU
+    contract, tested without a GPU. Blockwise scales are never sent (emulated on every device)."""
+    real, calls = torch._scaled_mm, []
+
+    def spy(mat1, mat2, **kwargs):
+        _cuda_scaled_mm_contract(mat1, mat2, **kwargs)
+        calls.append((tuple(mat1.shape), tuple(mat2.shape)))
+        return real(mat1, mat2, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    layer = Float8Linear.from_linear(nn.Linear(64, 48), make_recipe(recipe, weight_grad_hp), backend="scaled_mm")
+    x = torch.randn(2, 16, 64, requires_grad=True)  # M = 32 tokens; M, K and N all differ
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().sum().backward()
+    expected = [((32, 64), (64, 48)), ((32, 48), (48, 64)), ((48, 32), (32, 64))]  # y, grad_x, grad_w
+    assert calls == ([] if recipe == "blockwise" else expected[:2] if weight_grad_hp else expected)
+    assert x.grad.abs().sum() > 0 and layer.weight.grad.abs().sum() > 0
+
+
 def _fp8_cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
@@ -175,7 +217,8 @@ def _fp8_cuda() -> bool:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_cuda_scaled_mm_matches_emulation(recipe):
     """On Hopper/Ada the 'auto' backend calls torch._scaled_mm (blockwise stays emulated): it agrees
-    with emulation to accumulation-order error (bf16 output rounding for rowwise)."""
+    with emulation to accumulation-order error (rowwise: both round to bf16, where that error can flip
+    a rounding)."""
     linear = nn.Linear(1024, 512, device="cuda")
     auto = Float8Linear.from_linear(linear, make_recipe(recipe), backend="auto")
     emulate = Float8Linear.from_linear(linear, make_recipe(recipe), backend="emulate")
