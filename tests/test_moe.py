@@ -114,6 +114,25 @@ def test_router_runs_in_float32_under_bf16_autocast():
     assert routing.logits.dtype == routing.weights.dtype == torch.float32
 
 
+def test_jitter_noise_is_multiplicative_on_the_router_input_at_training_only():
+    """Switch §2.4: the router input is multiplied by U(1 - eps, 1 + eps) noise at training. With the
+    router's weight the identity, its logits are the (jittered) input itself."""
+    eps = 0.1
+    router = Router(16, 16, 1, 0.2, jitter_noise=eps)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(16))
+    x = torch.randn(256, 16)
+    x_before = x.clone()
+    ratio = router.train()(x).logits / x
+    assert torch.equal(x, x_before), "the input itself (which the experts also read) is not modified"
+    assert (ratio >= 1 - eps - 1e-6).all() and (ratio <= 1 + eps + 1e-6).all()
+    assert ratio.min() < 1 - 0.9 * eps and ratio.max() > 1 + 0.9 * eps, "it spans the whole range"
+    assert not torch.equal(router(x).logits, router(x).logits), "fresh noise at every call"
+    assert torch.equal(router.eval()(x).logits, x), "no noise in evaluation"
+    router.jitter_noise = 0.0
+    assert torch.equal(router.train()(x).logits, x), "none at training when jitter_noise is 0"
+
+
 def test_group_limited_routing_stays_inside_kept_groups():
     router = Router(32, 16, 4, 0.5, score_func="sigmoid", n_group=4, topk_group=2, loss_free_bias=True)
     router.expert_bias.normal_(std=0.3)
@@ -184,6 +203,44 @@ def test_aux_loss_matches_its_formula_when_skewed():
     torch.testing.assert_close(switch_aux_loss(scores, indices, 4), want, rtol=1e-12, atol=1e-12)
 
 
+def test_weighted_switch_aux_loss_of_a_layer_equals_alpha_at_uniform_routing():
+    """Fedus et al. 2021 Eq. 4: with every expert taking 1/E of the tokens (f_i = 1/E) and a mean router
+    probability of 1/E each (P_i = 1/E), alpha * E * sum_i f_i P_i = alpha. Token type j puts a logit of
+    3 on expert j and 0 elsewhere; the types come in equal numbers."""
+    E, alpha = 4, 0.01
+    layer = Switch(SwitchConfig(n_experts=E, d_hidden=16, aux_loss_weight=alpha), CTX).train()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[:, :E] = 3.0 * torch.eye(E)
+    x = torch.zeros(1, 6 * E, 32)
+    x[0, torch.arange(6 * E), torch.arange(6 * E) % E] = 1.0
+    aux = AuxCollector()
+    layer(x, aux)
+    assert torch.equal(aux.router_stats[0], torch.full((E,), 6))  # balanced: f_i = 1/E
+    assert aux.losses["aux_loss"].item() == pytest.approx(alpha, rel=1e-6)
+    skewed = AuxCollector()  # the same layer, every token of type 0: the loss grows above alpha
+    layer(torch.zeros(1, 8, 32).index_fill_(-1, torch.tensor([0]), 1.0), skewed)
+    assert skewed.losses["aux_loss"].item() > 2 * alpha
+
+
+def test_sequence_aux_loss_matches_deepseek_v3_eq_17_to_20_when_skewed():
+    """Eq. 17-20 written out per sequence in float64: f_i = E / (k T) * #{t: i in top-k of token t},
+    s'_{i,t} = s_{i,t} / sum_j s_{j,t}, P_i = mean_t s'_{i,t}, loss = sum_i f_i P_i; mean over sequences."""
+    E, k, B, T = 6, 2, 3, 7
+    g = torch.Generator().manual_seed(3)
+    scores = torch.sigmoid(torch.randn(B, T, E, dtype=torch.float64, generator=g) + torch.linspace(2, -2, E))
+    indices = scores.topk(k, dim=-1).indices  # skewed: the first experts are chosen far more often
+    want = 0.0
+    for b in range(B):
+        s, chosen = scores[b].tolist(), indices[b].tolist()
+        for i in range(E):
+            f_i = E / (k * T) * sum(i in chosen[t] for t in range(T))
+            p_i = sum(s[t][i] / sum(s[t]) for t in range(T)) / T
+            want += f_i * p_i / B
+    assert want > 1.2  # far from the uniform value 1
+    assert sequence_aux_loss(scores, indices, E).item() == pytest.approx(want, rel=1e-12)
+
+
 def test_z_loss_matches_its_formula():
     logits = torch.randn(7, 5, dtype=torch.float64)
     want = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 7
@@ -227,6 +284,18 @@ def test_switch_capacity_drops_the_overflow_at_training_only():
     torch.testing.assert_close(full, probs[:, None] * (F.silu(gate) * up) @ down.T, rtol=1e-5, atol=1e-6)
 
 
+def test_switch_experts_start_at_the_reduced_init_scale():
+    """Fedus et al. 2021 §2.4: the init scale s (a variance, std = sqrt(s / fan_in)) is reduced from 1.0
+    to 0.1, so the experts' std is sqrt(0.1) of the usual one (DESIGN §8); the router's is unchanged."""
+    switch = Switch(SwitchConfig(n_experts=8, d_hidden=64), CTX)
+    usual = {"gate_up_proj": CTX.init_std, "down_proj": CTX.residual_init_std}
+    for name, std in usual.items():
+        got = getattr(switch.experts, name).std().item()
+        assert got == pytest.approx(math.sqrt(0.1) * std, rel=0.03), name
+        assert getattr(moe(d_hidden=64).experts, name).std().item() == pytest.approx(std, rel=0.03), name
+    assert switch.router.weight.std().item() == pytest.approx(CTX.init_std, rel=0.1)
+
+
 # --------------------------------------------------------------------------- model level
 
 
@@ -244,6 +313,8 @@ def test_active_parameters_count_top_k_routed_plus_shared_and_router():
     ({"n_group": 4, "topk_group": 1, "top_k": 3}, "top_k=3 exceeds the 2 experts"),
     ({"top_k": 9}, "top_k=9 exceeds n_experts=8"),
     ({"score_func": "tanh"}, "softmax, sigmoid"),
+    ({"shared_expert_gate": True}, "shared_expert_gate=True needs shared experts, but n_shared_experts=0"),
+    ({"d_shared_hidden": 64}, "d_shared_hidden=64 needs shared experts, but n_shared_experts=0"),
 ])
 def test_config_errors_name_the_key(bad, match):
     with pytest.raises(zoo.ConfigError, match=match):

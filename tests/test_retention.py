@@ -6,12 +6,15 @@ within 1e-5, bf16 inputs with a float32 state within 2e-2 relative RMS.
 """
 
 import copy
+import math
 
 import pytest
 import torch
 
 import zoo
-from zoo.blocks.retention import MultiScaleRetention, RetentionConfig, head_log_decays
+from zoo.blocks import retention
+from zoo.blocks.retention import (AUTO_PARALLEL_MAX_LEN, MultiScaleRetention, RetentionConfig,
+                                   head_log_decays)
 from zoo.blocks.retention_ops import chunkwise_retention, naive_retention, parallel_retention, recurrent_retention
 from zoo.registry import BlockContext
 
@@ -118,6 +121,36 @@ def test_mixer_modes_and_stateful_decoding_agree(norm):
         pieces += [decoder(x[:, t:t + 1], state) for t in range(24, 45)]
         assert state.length == 45
         assert rel_max(torch.cat(pieces, dim=1), full) <= 1e-12, mode
+
+
+@pytest.mark.parametrize("n_heads", [1, 4, 8])
+def test_head_decays_follow_their_formulas(n_heads):
+    """Eq. 8's ``gamma_h = 1 - 2^(-5-h)`` (power2) and the released LM code's ``1 - exp(linspace(log 1/32,
+    log 1/512, H))`` (loglinear, 1 - 1/32 for the first head to 1 - 1/512 for the last), written out here
+    per head in float64, against the decays the mixer applies."""
+    power2 = [1 - 2.0 ** (-5 - h) for h in range(n_heads)]
+    step = (math.log(1 / 512) - math.log(1 / 32)) / max(n_heads - 1, 1)
+    loglinear = [1 - math.exp(math.log(1 / 32) + h * step) for h in range(n_heads)]
+    assert loglinear[0] == pytest.approx(1 - 1 / 32, rel=1e-15)
+    if n_heads > 1:
+        assert loglinear[-1] == pytest.approx(1 - 1 / 512, rel=1e-15)
+    for decay, expected in (("power2", power2), ("loglinear", loglinear)):
+        config, ctx = RetentionConfig(n_heads=n_heads, decay=decay), BlockContext(16 * n_heads, 2, 0, 64, 0.2)
+        for log_decays in (head_log_decays(n_heads, decay), MultiScaleRetention(config, ctx).log_decays):
+            assert [math.exp(g) for g in log_decays] == pytest.approx(expected, rel=1e-15, abs=0), decay
+
+
+@pytest.mark.parametrize("T, form", [(AUTO_PARALLEL_MAX_LEN - 1, "parallel"), (AUTO_PARALLEL_MAX_LEN, "parallel"),
+                                     (AUTO_PARALLEL_MAX_LEN + 1, "chunkwise")])
+def test_auto_mode_is_parallel_up_to_its_threshold_and_chunkwise_beyond(T, form, monkeypatch):
+    ran = []
+    for name in ("parallel", "chunkwise"):
+        op = getattr(retention, f"{name}_retention")
+        monkeypatch.setattr(retention, f"{name}_retention",
+                            lambda *args, name=name, op=op, **kwargs: ran.append(name) or op(*args, **kwargs))
+    m = mixer(torch.float32, d_model=16, mode="auto")
+    m(torch.randn(1, T, 16))
+    assert ran == [form]
 
 
 def test_mixer_is_causal_in_chunkwise_mode():

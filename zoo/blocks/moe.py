@@ -68,6 +68,12 @@ class MoEConfig:
                               f"experts of the topk_group={self.topk_group} kept groups")
         if self.n_shared_experts < 0:
             raise ConfigError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if not self.n_shared_experts:
+            for name, unused in (("shared_expert_gate", self.shared_expert_gate),
+                                 ("d_shared_hidden", self.d_shared_hidden is not None)):
+                if unused:
+                    raise ConfigError(f"{name}={getattr(self, name)!r} needs shared experts, but n_shared_experts=0; "
+                                      f"set n_shared_experts >= 1 or remove {name}")
         for name in ("aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight", "bias_update_rate",
                      "jitter_noise"):
             if getattr(self, name) < 0:
@@ -100,20 +106,23 @@ class MoE(nn.Module):
     """Routed experts (+ shared experts); ``forward(x (B, T, d), aux) -> (B, T, d)``.
 
     ``capacity_factor`` (Switch) limits each expert to ``ceil(capacity_factor * B T k / E)`` tokens at
-    training only. Reports ``aux.add_router_stats`` (tokens routed to each expert, before any drop)
-    and the weighted balancing losses while training.
+    training only. ``expert_init_scale`` multiplies the variance of the routed experts' initial weights
+    (Switch's reduced scale ``s``). Reports ``aux.add_router_stats`` (tokens routed to each expert,
+    before any drop) and the weighted balancing losses while training.
     """
 
-    def __init__(self, config: MoEConfig, ctx: BlockContext, capacity_factor: float | None = None):
+    def __init__(self, config: MoEConfig, ctx: BlockContext, capacity_factor: float | None = None,
+                 expert_init_scale: float = 1.0):
         super().__init__()
         d_hidden = config.hidden_size(ctx.d_model)
         self.config, self.capacity_factor = config, capacity_factor
+        expert_std = expert_init_scale ** 0.5  # a variance scale: it multiplies the std by its square root
         self.router = Router(ctx.d_model, config.n_experts, config.top_k, ctx.init_std, config.score_func,
                              config.norm_topk_prob, config.routed_scaling_factor, config.n_group,
                              config.topk_group, config.jitter_noise, config.loss_free_bias,
                              config.bias_update_rate)
-        self.experts = Experts(config.n_experts, ctx.d_model, d_hidden, ctx.init_std, ctx.residual_init_std,
-                               config.dispatch)
+        self.experts = Experts(config.n_experts, ctx.d_model, d_hidden, expert_std * ctx.init_std,
+                               expert_std * ctx.residual_init_std, config.dispatch)
         self.shared = self.shared_gate = None
         if config.n_shared_experts:
             d_shared = config.d_shared_hidden or config.n_shared_experts * d_hidden
@@ -166,15 +175,38 @@ class MoE(nn.Module):
 
 @register("ffn", "moe", config=MoEConfig)
 class TopKMoE(MoE):
-    """Dropless top-k MoE with optional shared experts (DeepSeekMoE / DeepSeek-V3 / Mixtral / Qwen2-MoE)."""
+    """Dropless top-k MoE with shared experts (DeepSeek-V3, arXiv 2412.19437, §2.1.2; also Mixtral, Qwen2-MoE).
+
+    ``h'_t = u_t + sum_{i <= N_s} FFN^(s)_i(u_t) + sum_{i <= N_r} g_{i,t} FFN^(r)_i(u_t)`` (Eq. 12) with
+    ``n_shared_experts`` always-on experts ``FFN^(s)`` (one SwiGLU of width ``d_shared_hidden``; the
+    residual ``u_t`` is added by the enclosing block) and ``N_r = n_experts`` routed ones. Affinities
+    ``s_{i,t} = sigmoid(u_t . e_i)`` (Eq. 15; or softmax, Mixtral); the top-``top_k`` experts are chosen by
+    ``s_{i,t} + b_i`` (Eq. 16; ``b`` is the loss-free bias, zero without it) and gated by the unbiased
+    ``g'_{i,t} = s_{i,t}`` (Eq. 14), normalised ``g_{i,t} = g'_{i,t} / sum_j g'_{j,t}`` (Eq. 13, with
+    ``norm_topk_prob``) and multiplied by ``routed_scaling_factor``. ``(B, T, d) -> (B, T, d)``.
+    """
+
+
+# Fedus et al. 2021 §2.4: "we reduce the default Transformer initialization scale s = 1.0 by a factor of 10",
+# s being the variance scale of the truncated-normal init (std sqrt(s / fan_in)).
+SWITCH_EXPERT_INIT_SCALE = 0.1
 
 
 @register("ffn", "switch", config=SwitchConfig)
 class Switch(MoE):
-    """Switch Transformer FFN: top-1 softmax router, unnormalised gate ``p_i(x)``, expert capacity."""
+    """Switch Transformer FFN (Fedus et al. 2021, "Switch Transformers"): top-1 routing with expert capacity.
+
+    Router probabilities ``p_i(x) = softmax(W_r x)_i`` in float32 (Eq. 1); the output is the chosen
+    expert's ``p_i(x) E_i(x)`` (Eq. 2 with one expert, the gate not renormalised). At training each expert
+    takes at most ``ceil(capacity_factor * tokens / n_experts)`` tokens (§2.2, Eq. 3), the earliest first;
+    the overflow gets a zero output and passes through the residual. Load-balancing loss
+    ``aux_loss_weight * N * sum_i f_i P_i`` (Eq. 4-6); experts initialised at the reduced scale
+    ``s = 0.1`` (§2.4). ``(B, T, d) -> (B, T, d)``.
+    """
 
     def __init__(self, config: SwitchConfig, ctx: BlockContext):
         moe = MoEConfig(n_experts=config.n_experts, top_k=1, d_hidden=config.d_hidden, norm_topk_prob=False,
                         jitter_noise=config.jitter_noise, aux_loss_weight=config.aux_loss_weight,
                         z_loss_weight=config.z_loss_weight, dispatch=config.dispatch)
-        super().__init__(moe, ctx, capacity_factor=config.capacity_factor)
+        super().__init__(moe, ctx, capacity_factor=config.capacity_factor,
+                         expert_init_scale=SWITCH_EXPERT_INIT_SCALE)

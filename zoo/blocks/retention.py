@@ -5,8 +5,9 @@ xPos-style rotation, here :class:`zoo.blocks.rope.RotaryEmbedding`), ``V = X W_V
 ``value_factor * d_model`` (2 in the paper), and ``retention(X) = (Q K^T ⊙ D) V`` with
 ``D[n, m] = gamma_h^(n - m)`` (Eq. 5). Heads decay at different rates (Eq. 8): ``gamma_h = 1 - 2^(-5-h)``
 (``decay: power2``) or the paper's LM variant (as in its released code)
-``1 - exp(linspace(log 1/32, log 1/512, H))`` (``decay: loglinear``). Outputs are normalised per head (GroupNorm as in Eq. 8, or RMSNorm), gated by
-``swish(X W_G)`` and projected back: ``MSR(X) = (swish(X W_G) ⊙ Y) W_O`` (Eq. 8).
+``1 - exp(linspace(log 1/32, log 1/512, H))`` (``decay: loglinear``). Outputs are normalised per head
+(GroupNorm as in Eq. 8, or RMSNorm), gated by ``swish(X W_G)`` and projected back:
+``MSR(X) = (swish(X W_G) ⊙ Y) W_O`` (Eq. 8).
 
 The three forms of :mod:`zoo.blocks.retention_ops` compute the same function, so ``mode`` is a speed
 choice: ``parallel`` (Eq. 5, O(T^2) memory), ``chunkwise`` (Eq. 7, O(T * chunk_size)), and ``auto``

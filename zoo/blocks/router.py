@@ -12,8 +12,10 @@ counts the tokens sent to each expert; after each optimizer step :meth:`Router.o
 moves ``b_i += gamma * sign(mean_load - load_i)`` from the counts of the whole (accumulated,
 all-reduced) batch. ``b`` is a float32 buffer saved in checkpoints and never gets a gradient.
 
-The balancing losses are plain functions of the router outputs, each equal to its weight ``alpha``
-at perfectly uniform routing: :func:`switch_aux_loss`, :func:`sequence_aux_loss`, :func:`router_z_loss`.
+The router losses are plain, unweighted functions of the router outputs. The balance losses
+:func:`switch_aux_loss` and :func:`sequence_aux_loss` equal 1 at perfectly uniform routing, so each
+weighted loss then equals its weight ``alpha``. :func:`router_z_loss` penalises the logits' size, not
+imbalance: at uniform routing (all ``E`` logits equal to ``c``) it is ``(c + log E)^2``.
 """
 
 from __future__ import annotations

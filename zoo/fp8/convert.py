@@ -2,11 +2,12 @@
 
 As in torchtitan, blocks know nothing of FP8: the transformation walks the built model and swaps
 modules (``nn.Linear`` -> :class:`Float8Linear`, packed MoE ``Experts`` -> :class:`Float8Experts`).
-What stays in high precision (DeepSeek-V3 §3.3: embedding, output head, MoE gating, norms,
-attention core): everything else (embeddings, norms, attention scores, routers), linears whose qualified name matches a skip pattern (by default the output /
-MTP heads and routers/gates: :data:`DEFAULT_SKIP`, extended by ``model.fp8.skip`` or replaced by a
-``module_filter``), and linears whose dims are not multiples of the recipe's granularity (16; 128
-for blockwise).
+Everything else stays in high precision, as DeepSeek-V3 §3.3.1 keeps the embedding, output head, MoE
+gating, normalisation and attention operators: modules that are neither linears nor packed experts
+(embeddings, norms, the attention and retention cores), linears whose qualified name matches a skip
+pattern (by default the output / MTP heads and the routers and gates: :data:`DEFAULT_SKIP`, extended by
+``model.fp8.skip`` or replaced by a ``module_filter``), and linears whose dims are not multiples of the
+recipe's granularity (16; 128 for blockwise).
 """
 
 from __future__ import annotations

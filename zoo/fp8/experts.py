@@ -7,7 +7,13 @@ both grouped GEMMs through :class:`_Float8GroupedMM`, whose three GEMMs are quan
 as in :mod:`zoo.fp8.linear`: operand ``a`` over the routed rows, operand ``b`` per expert (a tensorwise
 weight scale is one scale per expert). The quantised operands are dequantised to float32 and
 multiplied with ``torch._grouped_mm``; the weight gradient is quantised per expert's rows along the
-token dim. Emulated on every device (a float8 grouped GEMM is not wired to its kernels here).
+token dim.
+
+Emulated on every device. torch 2.13's float8 grouped GEMM, ``torch._scaled_grouped_mm``, has no CPU
+kernel (only CUDA and meta), and on CUDA it takes E4M3 operands with float32 rowwise scales only (one per
+row of ``a``, one per output column of each expert's ``b``) and writes bfloat16: tensorwise (E5M2
+gradients) and blockwise (1x128 / 128x128 scales) do not fit it, and a rowwise-only GPU path is left
+out because nothing here could test it.
 """
 
 from __future__ import annotations
@@ -66,8 +72,12 @@ class _Float8GroupedMM(torch.autograd.Function):
 class Float8Experts(Experts):
     """:class:`Experts` whose two grouped GEMMs (and their gradients) run on emulated float8.
 
-    ``forward(x (N, d), sorted) -> (N, d)`` float32 like the parent; GEMM outputs are rounded to the
-    autocast dtype (as a float8 kernel writes them), SwiGLU and the weighted combine follow the parent.
+    Expert ``e``'s SwiGLU ``down_e(silu(gate_e x) ⊙ up_e x)`` (Shazeer 2020, Eq. 6) with both projections
+    and their input- and weight-gradient GEMMs quantised per the :class:`Recipe`, as DeepSeek-V3 §3.3
+    (Fig. 6) runs every expert GEMM in FP8: blockwise puts the routed rows on 1x128 tiles and each expert's
+    weight on 128x128 blocks. ``forward(x (N, d), sorted) -> (N, d)`` float32 like the parent; GEMM outputs
+    are rounded to the autocast dtype (as a float8 kernel writes them), SwiGLU and the weighted combine
+    follow the parent. Emulated on every device (see :mod:`zoo.fp8.experts` for why).
     """
 
     recipe: Recipe

@@ -20,9 +20,11 @@ gradients, 128x128 blocks for weights, E4M3 everywhere, scale ``max(amax, 1e-4) 
 layer's parameters are those of the ``nn.Linear`` it replaces, in their own dtype.
 
 Backends: ``torch._scaled_mm`` (float8 tensor cores, fp32 accumulation) for tensorwise and rowwise
-scales on CUDA devices of compute capability >= 8.9 when the GEMM's dims are multiples of 16;
-otherwise emulation: quantise -> dequantise to float32 -> float32 matmul, the same function up to
-accumulation order. Blockwise GEMMs are emulated on every device.
+scales on CUDA devices of compute capability >= 8.9 when the GEMM's dims are multiples of 16 (``auto``;
+``scaled_mm`` forces it, on CPU too, whose kernel takes the same scales); otherwise emulation: quantise ->
+dequantise to float32 -> float32 matmul, the same function up to accumulation order. Blockwise GEMMs are
+emulated on every device. Every ``_scaled_mm`` call meets CUDA's contract (see :func:`fp8_matmul`),
+checked on CPU by the tests.
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ Backend = Literal["auto", "emulate", "scaled_mm"]
 
 @dataclass(frozen=True)
 class Operand:
-    """How one GEMM operand is quantised: format, block shape, amax floor, power-of-2 scales."""
+    """How one GEMM operand ``(rows, K)`` is quantised: ``q = round(x / s)`` per block with the inverse
+    scale ``s = max(amax, amax_floor) / fmax`` from the current amax (DeepSeek-V3 §3.3.2, "online
+    quantization"; the floor keeps an all-zero block finite).
+
+    ``dtype``: ``E4M3`` (max 448) or ``E5M2`` (max 57344, Transformer Engine's gradient format);
+    ``block``: the scaling granularity, ``TENSORWISE``, ``ROWWISE``, ``TILE (1, 128)`` or ``BLOCK (128, 128)``
+    (DeepSeek-V3 Fig. 7a) of :mod:`zoo.fp8.quant`; ``power_of_2``: ``s`` rounded up to a power of 2 (torchao's
+    rowwise recipe), so scaling is exact.
+    """
 
     dtype: torch.dtype
     block: tuple[int, int]
@@ -50,7 +60,14 @@ class Operand:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The operand scalings of the three GEMMs; ``granularity`` is the dimension multiple a layer needs."""
+    """The operand scalings of the three GEMMs of a linear ``y = x W^T``, each as ``a @ b^T`` quantised
+    along its reduction dim: ``forward`` ``(x, W)``, ``grad_input`` ``(dy, W^T)`` for ``dx = dy W``,
+    ``grad_weight`` ``(dy^T, x^T)`` for ``dW = dy^T x`` (DeepSeek-V3 §3.3.1, Fig. 6: Fprop, Dgrad, Wgrad).
+    The three recipes are tabled in :mod:`zoo.fp8.linear`: torchao's tensorwise and rowwise, DeepSeek-V3's
+    blockwise, whose gradients use 1x128 tiles only (App. B.2: 128x128 blocks on activation gradients made
+    a 16B model diverge). ``granularity``: the multiple a layer's dims need (16; 128 for blockwise);
+    ``weight_grad_high_precision`` keeps Wgrad in float32 (torchao's ``rowwise_with_gw_hp``).
+    """
 
     name: str
     forward: tuple[Operand, Operand]  # (x, W)
@@ -92,16 +109,25 @@ def make_recipe(name: str, weight_grad_high_precision: bool = False) -> Recipe:
 
 def fp8_matmul(a: torch.Tensor, b: torch.Tensor, spec: tuple[Operand, Operand], out_dtype: torch.dtype,
                backend: Backend = "auto") -> torch.Tensor:
-    """``a (M, K) @ b (N, K)^T -> (M, N)`` in ``out_dtype`` on float8 operands quantised per ``spec``."""
+    """``a (M, K) @ b (N, K)^T -> (M, N)`` in ``out_dtype``, both operands quantised along the reduction
+    dim ``K`` per ``spec``: ``C ≈ (Q_a ⊙ S_a)(Q_b ⊙ S_b)^T`` with float32 accumulation (DeepSeek-V3
+    §3.3.2: fine-grained scales, float32 accumulation; the ``torch._scaled_mm`` GEMM torchao calls).
+
+    ``a`` and ``b`` may have any strides (the backward passes ``weight.t()``, ``grad_out.t()``, ``x.t()``):
+    :func:`quantize` returns row-major operands, so ``torch._scaled_mm`` gets what CUDA requires, ``mat1 =
+    Q_a`` row-major and ``mat2 = Q_b^T`` column-major, with float32 scales ``(1, 1)`` per tensor or ``(M, 1)``
+    and ``(1, N)`` per row. Rowwise GEMMs write bfloat16, the output CUDA's rowwise kernels take on every
+    GPU (float32 only on sm90 with cuBLAS >= 12.9), and do so on every backend, emulation included, so that
+    all backends compute one function.
+    """
     spec_a, spec_b = spec
-    qa, sa = quantize(a, spec_a.dtype, spec_a.block, spec_a.amax_floor, spec_a.power_of_2)
-    qb, sb = quantize(b, spec_b.dtype, spec_b.block, spec_b.amax_floor, spec_b.power_of_2)
+    qa, sa = quantize(a, spec_a.dtype, spec_a.block, spec_a.amax_floor, spec_a.power_of_2)  # (M, K), row-major
+    qb, sb = quantize(b, spec_b.dtype, spec_b.block, spec_b.amax_floor, spec_b.power_of_2)  # (N, K), row-major
+    gemm_dtype = torch.bfloat16 if spec_a.block == spec_b.block == ROWWISE else out_dtype
     if _use_scaled_mm(a, b, spec, backend):
-        # _scaled_mm takes b column-major (K, N) and its scales as (1, N) for rowwise; CUDA's rowwise
-        # kernels write bf16 only (the accumulation is float32 either way).
-        mm_dtype = torch.bfloat16 if a.is_cuda and spec_a.block == ROWWISE else out_dtype
-        return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=mm_dtype).to(out_dtype)
-    return (dequantize(qa, sa, spec_a.block) @ dequantize(qb, sb, spec_b.block).t()).to(out_dtype)
+        return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t(), out_dtype=gemm_dtype).to(out_dtype)
+    product = dequantize(qa, sa, spec_a.block) @ dequantize(qb, sb, spec_b.block).t()
+    return product.to(gemm_dtype).to(out_dtype)
 
 
 def _use_scaled_mm(a: torch.Tensor, b: torch.Tensor, spec: tuple[Operand, Operand], backend: Backend) -> bool:
@@ -144,10 +170,13 @@ class _Float8LinearFn(torch.autograd.Function):
 class Float8Linear(nn.Linear):
     """An ``nn.Linear`` whose forward, input-gradient and weight-gradient GEMMs run on float8.
 
-    Parameters are those of ``nn.Linear`` (same names, shapes and dtype: checkpoints of a model with
-    and without FP8 are interchangeable). ``x (..., in_features) -> (..., out_features)`` in the
-    autocast dtype when autocast is on, else in ``x``'s dtype; the bias is added after the GEMM in
-    that dtype. Recipes and sources: see :mod:`zoo.fp8.linear`.
+    ``y = x W^T + b`` with ``x W^T ≈ (Q_x ⊙ S_x)(Q_W ⊙ S_W)^T``, and likewise ``dx = dy W`` and
+    ``dW = dy^T x``, each GEMM quantised per its :class:`Recipe` (DeepSeek-V3 §3.3 and Fig. 6; torchao
+    ``Float8Linear``; Transformer Engine's E4M3/E5M2 "hybrid" format for tensorwise). Parameters are those
+    of ``nn.Linear`` (same names, shapes and dtype: checkpoints of a model with and without FP8 are
+    interchangeable; the master weights and their gradients stay in high precision). ``x (...,
+    in_features) -> (..., out_features)`` in the autocast dtype when autocast is on, else in ``x``'s dtype;
+    the bias is added after the GEMM in that dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe: Recipe | None = None,

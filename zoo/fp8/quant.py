@@ -40,7 +40,10 @@ def quantize(x: torch.Tensor, dtype: torch.dtype = E4M3, block: tuple[int, int] 
              amax_floor: float = 1e-12, power_of_2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``x (M, K)`` as ``(q (M, K) in dtype, scale_inv (Mb, Kb) float32)`` with ``x ≈ q * scale_inv``
     blockwise; the amax of each block maps to the format's max (to within a factor 2 with
-    ``power_of_2``); values beyond it (none, by construction) would saturate rather than overflow."""
+    ``power_of_2``); values beyond it (none, by construction) would saturate rather than overflow.
+
+    ``q`` and ``scale_inv`` are row-major (contiguous) whatever ``x``'s strides: quantising ``w.t()``
+    gives the compact ``(K, N)`` operand float8 GEMM kernels expect, not a transposed view."""
     rows, cols = x.shape
     block_rows, block_cols = _block(x.shape, block)
     blocks = _to_blocks(x.float(), block_rows, block_cols)  # (Mb, bm, Kb, bk)
@@ -48,7 +51,8 @@ def quantize(x: torch.Tensor, dtype: torch.dtype = E4M3, block: tuple[int, int] 
     scale = blocks.abs().amax(dim=(1, 3)).clamp(min=amax_floor) / fmax  # (Mb, Kb)
     if power_of_2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (blocks / scale[:, None, :, None]).clamp_(-fmax, fmax).to(dtype)
+    # Contiguous 4-D blocks are the row-major (M, K) layout; the cast to float8 lays them out so.
+    q = (blocks / scale[:, None, :, None]).clamp_(-fmax, fmax).to(dtype, memory_format=torch.contiguous_format)
     return _from_blocks(q, rows, cols), scale
 
 
