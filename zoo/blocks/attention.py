@@ -115,19 +115,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         offset = state.length if state is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
+        if self.q_norm is None:  # q and k rotated together
+            qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
+            q, k = self.rope(qk.view(B, T, H + Hkv, D), offset, seq_dim=1).split([H, Hkv], dim=2)
+        else:
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = self.rope(self.q_norm(q).view(B, T, H, D), offset, seq_dim=1)
+            k = self.rope(self.k_norm(k).view(B, T, Hkv, D), offset, seq_dim=1)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.reshape(B, T, Hkv, D).transpose(1, 2)
         if state is not None:
             k, v = state.append(k, v)  # (B, Hkv, offset + T, D)
         y = attend(q, k, v, offset, self.backend)  # (B, H, T, D)
-        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0,

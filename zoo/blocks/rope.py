@@ -4,7 +4,7 @@ Pairs ``(x_i, x_{i + d/2})`` are rotated by angle ``pos * theta^(-2i/d)`` (the "
 GPT-NeoX and Llama, so imported checkpoints need no permutation); ``q . k`` then depends only on the
 relative position. The cos/sin tables are computed in float64 and kept out of the module's buffers,
 so ``model.to(torch.bfloat16)`` never rounds them; the rotation runs in float32 (float64 for float64
-inputs).
+inputs) as one autograd node, four elementwise passes forward and four backward.
 """
 
 from __future__ import annotations
@@ -33,12 +33,39 @@ class RotaryEmbedding(nn.Module):
             self._tables[key] = cached
         return cached
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x`` of shape ``(B, H, T, D)`` whose first position is ``offset``."""
-        T = x.shape[-2]
+    def forward(self, x: torch.Tensor, offset: int = 0, seq_dim: int = -2) -> torch.Tensor:
+        """Rotate ``x (..., D)`` whose positions run along ``seq_dim`` (``(B, H, T, D)`` by default,
+        ``seq_dim=1`` for ``(B, T, H, D)``) and whose first position is ``offset``."""
+        seq_dim = seq_dim % x.dim()
+        T = x.shape[seq_dim]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = self._cos_sin(offset + T, x.device, dtype)
-        cos, sin = cos[offset:offset + T], sin[offset:offset + T]  # (T, D/2)
-        x1, x2 = x.to(dtype).chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return rotated.to(x.dtype)
+        broadcast = (T,) + (1,) * (x.dim() - seq_dim - 2) + (self.head_dim // 2,)
+        cos, sin = cos[offset:offset + T].view(broadcast), sin[offset:offset + T].view(broadcast)
+        return _Rotate.apply(x, cos, sin)
+
+
+class _Rotate(torch.autograd.Function):
+    """``y = (x1 cos - x2 sin, x2 cos + x1 sin)`` for the halves ``x1, x2`` of the last dimension; the
+    gradient is the rotation by the opposite angle, so nothing but the tables is saved. Products are formed
+    in the tables' float32 (float64) and rounded once into ``x``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.addcmul(x1 * cos, x2, sin, value=-sign, out=out1)
+    torch.addcmul(x2 * cos, x1, sin, value=sign, out=out2)
+    return out
