@@ -80,6 +80,101 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert_same_model(old, zoo.from_pretrained(tmp_path / "ckpt"))
 
 
+def test_save_refuses_to_replace_a_directory_holding_other_files(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match=r"not a checkpoint directory .*: notes.txt\. Nothing was written"):
+        tiny_model().save_pretrained(project)
+    assert [p.name for p in project.iterdir()] == ["notes.txt"] and (project / "notes.txt").read_text() == "precious"
+
+    old = tiny_model()
+    old.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("precious")
+    (tmp_path / "ckpt" / "data").mkdir()
+    with pytest.raises(FileExistsError, match="holds files that are not part of a zoo checkpoint: data/, notes.txt"):
+        tiny_model().save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "notes.txt").read_text() == "precious" and (tmp_path / "ckpt" / "data").is_dir()
+    assert_same_model(old, zoo.from_pretrained(tmp_path / "ckpt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "project"]  # nothing staged was left
+
+
+def test_save_replaces_a_checkpoint_with_exactly_the_new_files(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny_model().save_pretrained(ckpt, max_shard_size=20_000, extra_files={"tokenizer.json": "{}", "vocab.txt": "a"})
+    new = tiny_model()
+    with pytest.raises(FileExistsError, match="not part of a zoo checkpoint: vocab.txt"):  # not an extra file now
+        new.save_pretrained(ckpt)
+    new.save_pretrained(ckpt, extra_files={"vocab.txt": "b"})  # the shards, the index and tokenizer.json go
+    assert sorted(p.name for p in ckpt.iterdir()) == ["README.md", "config.json", "model.safetensors", "vocab.txt"]
+    assert_same_model(new, zoo.from_pretrained(ckpt))
+    (tmp_path / "empty").mkdir()
+    new.save_pretrained(tmp_path / "empty")
+    assert_same_model(new, zoo.from_pretrained(tmp_path / "empty"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        new.save_pretrained(tmp_path / "file")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names open files through /proc")
+def test_save_fsyncs_the_files_before_the_rename(tmp_path, monkeypatch):
+    tiny_model().save_pretrained(tmp_path / "ckpt")
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    tiny_model().save_pretrained(tmp_path / "ckpt", extra_files={"tokenizer.json": "{}"})
+    install = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / "ckpt"))
+    staging = events[install][1]
+    synced_before = {e[1] for e in events[:install] if e[0] == "fsync"}
+    assert {f"{staging}/{p.name}" for p in (tmp_path / "ckpt").iterdir()} | {staging} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[install:]  # the rename itself is made durable
+
+
+def test_leftovers_of_a_hard_kill_do_not_disturb_later_saves(tmp_path):
+    old = tiny_model()
+    old.save_pretrained(tmp_path / "ckpt")
+    staging = tmp_path / ".ckpt.tmp-0123456789abcdef0123456789abcdef"  # killed while writing
+    staging.mkdir()
+    (staging / "config.json").write_text("{")
+    (staging / "model.safetensors").write_bytes(b"\0" * 16)
+    assert_same_model(old, zoo.from_pretrained(tmp_path / "ckpt"))
+    new = tiny_model()
+    new.save_pretrained(tmp_path / "ckpt")
+    assert_same_model(new, zoo.from_pretrained(tmp_path / "ckpt"))
+    retired = tmp_path / ".other.old-0123456789abcdef0123456789abcdef"  # killed between the two renames
+    os.replace(tmp_path / "ckpt", retired)
+    new.save_pretrained(tmp_path / "other")
+    assert_same_model(new, zoo.from_pretrained(tmp_path / "other"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, retired.name, "other"])
+
+
+def test_untied_head_is_not_dropped_by_a_tied_config(tmp_path):
+    model = tiny_model(tie_embeddings=False)
+    model.save_pretrained(tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "model": {**config["model"], "tie_embeddings": True}}))
+    with pytest.raises(CheckpointError, match="'head.weight' that differs from 'embed.weight'.*tie_embeddings"):
+        zoo.from_pretrained(tmp_path / "ckpt")
+
+    with torch.no_grad():
+        model.head.weight.copy_(model.embed.weight)  # an untied checkpoint whose head equals the embedding
+    model.save_pretrained(tmp_path / "equal")
+    (tmp_path / "equal" / "config.json").write_text(config_file.read_text())
+    tied = zoo.from_pretrained(tmp_path / "equal")
+    assert tied.head.weight is tied.embed.weight and torch.equal(tied.embed.weight, model.embed.weight)
+
+
 def test_mismatched_checkpoint_names_the_tensors(tmp_path):
     tiny_model().save_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -131,13 +226,16 @@ def test_malicious_pickle_is_not_executed(tmp_path):
     ckpt.mkdir()
     (ckpt / "config.json").write_text(model.config.to_json())
     target = tmp_path / "pwned.txt"
-    torch.save({"embed.weight": _Exploit(str(target))}, ckpt / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="pytorch_model.bin.*never executes pickled code"):
-        zoo.from_pretrained(ckpt)
-    assert not target.exists()
-    with open(ckpt / "pytorch_model.bin", "wb") as f:  # a bare pickle rather than torch's zip format
+    refused = r"refused to load .*pytorch_model.bin.*non-tensor objects \(.*pathlib.*\); pickled code is never executed"
+    for legacy in (False, True):  # torch's zip format, and the pre-1.6 bare-pickle format
+        torch.save({"embed.weight": _Exploit(str(target))}, ckpt / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(CheckpointError, match=refused):
+            zoo.from_pretrained(ckpt)
+        assert not target.exists()
+    with open(ckpt / "pytorch_model.bin", "wb") as f:  # a plain pickle, not written by torch.save
         pickle.dump(_Exploit(str(target)), f)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=refused):
         zoo.from_pretrained(ckpt)
     assert not target.exists()
 
@@ -149,6 +247,28 @@ def test_plain_bin_checkpoint_loads(tmp_path):
     (tmp_path / "ckpt" / "model.safetensors").unlink()
     torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
     assert_same_model(model, zoo.from_pretrained(tmp_path / "ckpt"))
+
+
+def test_legacy_format_bin_checkpoint_loads(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt")
+    state = read_state_dict(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert_same_model(model, zoo.from_pretrained(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_corrupt_bin_is_reported_as_corrupt(tmp_path, legacy):
+    torch.save({"w": torch.randn(4, 4), "b": torch.arange(3)}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=not legacy)
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    for damaged in [data[:cut] for cut in range(0, len(data), 23)] + [b"\0" * len(data)]:
+        (tmp_path / "pytorch_model.bin").write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=r"corrupt or truncated file .*pytorch_model.bin"):
+            read_state_dict(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(data)
+    assert torch.equal(read_state_dict(tmp_path)["b"], torch.arange(3))
 
 
 def test_missing_directory_and_preset_without_repo():
@@ -235,3 +355,41 @@ def test_push_pull_revisions_and_offline(hub, tmp_path):
     """, hub, tmp_path / "hf", HF_HUB_OFFLINE="1")
     assert len(hub.requests) == seen  # offline: not one request
 
+
+
+def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
+    config = {**{f"model.{k}": v for k, v in TINY.items()}, "hub.repo_id": "org/swap"}
+    run_client(f"""
+        from huggingface_hub import HfApi
+        from zoo.hub import load_hub_model, load_pretrained_for
+        api = HfApi()
+        sharded, single, resharded = tiny_model(), tiny_model(), tiny_model()
+        first = sharded.push_to_hub("org/swap", max_shard_size=20_000)
+        api.upload_file(path_or_fileobj=b"our notes", path_in_repo="NOTES.md", repo_id="org/swap")
+        api.upload_file(path_or_fileobj=b"not ours", path_in_repo="extra/model.safetensors", repo_id="org/swap")
+        second = single.push_to_hub("org/swap")
+        assert sorted(api.list_repo_files("org/swap")) == [".gitattributes", "NOTES.md", "README.md", "config.json",
+                                                         "extra/model.safetensors", "model.safetensors"]
+        assert_same_model(single, zoo.from_pretrained("org/swap"))
+        resharded.push_to_hub("org/swap", max_shard_size=20_000)
+        files = api.list_repo_files("org/swap")
+        assert "model.safetensors" not in files and "model.safetensors.index.json" in files and "NOTES.md" in files
+        assert_same_model(resharded, zoo.from_pretrained("org/swap"))
+
+        # create_model's loaders take a revision and drop_mtp (zoo.hub.load_hub_model / load_pretrained_for)
+        assert_same_model(sharded, load_hub_model("hf-hub:org/swap", revision=first.oid))
+        assert_same_model(single, load_pretrained_for(zoo.load_config("dense-tiny", {config!r}), revision=second.oid))
+        tiny_model(mtp={{"depth": 1}}).push_to_hub("org/mtp")
+        assert load_hub_model("hf-hub:org/mtp", drop_mtp=True).mtp is None
+
+        fp8 = tiny_model()
+        fp8.push_to_hub("org/fp8", weights_format="fp8")
+        dequantised = zoo.from_pretrained("org/fp8")
+        weight, original = dequantised.blocks[0].ffn.down.weight, fp8.blocks[0].ffn.down.weight
+        assert weight.dtype == torch.float32 and 0 < (weight - original).abs().max() / original.abs().max() < 0.1
+        assert_same_model(dequantised, zoo.create_model("hf-hub:org/fp8"))
+        assert_same_model(dequantised, zoo.create_model("hf-hub:org/fp8", overrides={{"train.max_steps": 7}}))
+        assert_same_model(dequantised, zoo.create_model("dense-tiny", pretrained=True,
+                                                        overrides={{"hub.repo_id": "org/fp8"}}, **TINY))
+    """, hub, tmp_path / "hf")
+    assert len(hub.repos["org/swap"].commits) == 6  # creation, 2 user uploads, and one commit per push

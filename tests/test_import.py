@@ -37,6 +37,9 @@ FAMILIES = {
                                   num_experts_per_tok=2, moe_intermediate_size=16, q_lora_rank=None,
                                   kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
 }
+# rms_norm_eps far from 1e-6 (0.3 puts the logits 0.74 relative off if it reaches the MLA latent norms, which
+# transformers keeps at eps 1e-6 whatever rms_norm_eps says)
+FAMILIES["deepseek_v3-rms-eps"] = dict(FAMILIES["deepseek_v3"], model_type="deepseek_v3", rms_norm_eps=0.3)
 
 
 def hf_model(name: str):
@@ -78,6 +81,8 @@ def test_import_matches_transformers(name, tmp_path):
         assert model.config.model.max_seq_len == 64  # full attention equals the window up to its length
     if name.startswith("deepseek_v3"):
         assert model.blocks[0].mixer.init_state(1, 10, "cpu", torch.float32).latent.shape == (1, 10, 16)
+        assert model.blocks[0].mixer.kv_norm.eps == 1e-6  # the latent norms' eps, whatever rms_norm_eps says
+        assert model.config.model.norm.options.eps == hf.config.rms_norm_eps
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])

@@ -14,9 +14,9 @@ from zoo.registry import BlockContext
 CTX = BlockContext(d_model=48, n_layers=2, layer_idx=0, max_seq_len=64, init_std=0.1)
 
 
-def mla(q_lora_rank):
+def mla(q_lora_rank, norm_eps=1e-6):
     config = MLAConfig(n_heads=3, q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=8,
-                       qk_rope_head_dim=6, v_head_dim=10)
+                       qk_rope_head_dim=6, v_head_dim=10, norm_eps=norm_eps)
     module = MultiHeadLatentAttention(config, CTX).double()
     for norm in (getattr(module, "q_norm", None), module.kv_norm):
         if norm is not None:
@@ -36,38 +36,39 @@ def rms(x, weight, eps=1e-6):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def reference(m: MultiHeadLatentAttention, h: torch.Tensor) -> torch.Tensor:
-    """DeepSeek-V2 §2.1, token by token and head by head, in float64."""
+def reference(m: MultiHeadLatentAttention, h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DeepSeek-V2 §2.1, token by token and head by head, in float64; ``eps`` of the latent RMSNorms."""
     T = h.shape[1]
     H, dn, dr, dv, r = m.n_heads, m.nope, m.rope_dim, m.v_dim, m.kv_lora_rank
     pos = torch.arange(T, dtype=torch.float64)
     if hasattr(m, "q_proj"):
         q = h @ m.q_proj.weight.T
     else:
-        c_q = rms(h @ m.q_down.weight.T, m.q_norm.weight)  # Eq. 12
+        c_q = rms(h @ m.q_down.weight.T, m.q_norm.weight, eps)  # Eq. 12
         q = c_q @ m.q_up.weight.T
     q = q.view(*h.shape[:2], H, dn + dr)
     q_c, q_r = q[..., :dn], rope(q[..., dn:].transpose(1, 2), pos).transpose(1, 2)  # Eq. 13-14
     down = h @ m.kv_down.weight.T
-    c_kv = rms(down[..., :r], m.kv_norm.weight)  # Eq. 9
+    c_kv = rms(down[..., :r], m.kv_norm.weight, eps)  # Eq. 9
     k_r = rope(down[..., r:], pos)  # Eq. 15
     up = (c_kv @ m.kv_up.weight.T).view(*h.shape[:2], H, dn + dv)
     k_c, v = up[..., :dn], up[..., dn:]  # Eq. 10-11
     out = torch.zeros(*h.shape[:2], H, dv, dtype=torch.float64)
     for t in range(T):
         for i in range(H):
-            qi = torch.cat((q_c[:, t, i], q_r[:, t, i]), -1)  # Eq. 17
-            ki = torch.cat((k_c[:, : t + 1, i], k_r[:, : t + 1]), -1)  # Eq. 18
+            qi = torch.cat((q_c[:, t, i], q_r[:, t, i]), -1)  # Eq. 16
+            ki = torch.cat((k_c[:, : t + 1, i], k_r[:, : t + 1]), -1)  # Eq. 17
             w = torch.softmax((ki @ qi[:, :, None])[..., 0] / math.sqrt(dn + dr), dim=-1)
-            out[:, t, i] = (w[:, :, None] * v[:, : t + 1, i]).sum(1)  # Eq. 19
-    return out.flatten(2) @ m.out.weight.T
+            out[:, t, i] = (w[:, :, None] * v[:, : t + 1, i]).sum(1)  # Eq. 18
+    return out.flatten(2) @ m.out.weight.T  # Eq. 19
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 16])
-def test_matches_float64_reference(q_lora_rank):
-    m = mla(q_lora_rank)
+@pytest.mark.parametrize("norm_eps", [1e-6, 0.5])  # 0.5: the latent norms' own eps, visibly far from 1e-6
+def test_matches_float64_reference(q_lora_rank, norm_eps):
+    m = mla(q_lora_rank, norm_eps)
     h = torch.randn(2, 9, CTX.d_model, dtype=torch.float64)
-    torch.testing.assert_close(m(h), reference(m, h), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m(h), reference(m, h, norm_eps), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 16])

@@ -2,30 +2,39 @@
 
 A checkpoint directory holds ``config.json`` (the zoo config), ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``), ``tokenizer.json`` when the model has one, and a model card
-``README.md``. Writes are atomic: everything goes to a temporary directory that is renamed at the end.
+``README.md``. Writes are atomic: everything goes to a temporary directory that is fsynced and renamed
+at the end; a save replaces a checkpoint directory but refuses to replace one holding other files.
+A push replaces the repo's checkpoint files in one commit and keeps its other files.
 
 Loading never executes code: weights come from safetensors; a checkpoint that only has PyTorch ``.bin``
-files is read with ``torch.load(weights_only=True)``, which refuses anything but tensors. A directory
+files is read with ``torch.load(weights_only=True)``, which refuses anything but tensors (the error
+says whether a file was refused or is corrupt). fp8 zoo checkpoints are dequantised on load. A directory
 or Hub repo holding a Hugging Face transformers checkpoint (``config.json`` with a ``model_type``) is
 converted to zoo blocks by :mod:`zoo.convert`.
 
-Hub transfers go through ``huggingface_hub`` (``snapshot_download``, ``HfApi.upload_folder``), so
+Hub transfers go through ``huggingface_hub`` (``snapshot_download``, ``HfApi.create_commit``), so
 ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME`` / ``HF_HUB_CACHE`` and revisions work as
 for any Hub library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import pickletools
+import re
 import shutil
 import tempfile
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, save_torch_state_dict, snapshot_download
+from huggingface_hub import (CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData,
+                             save_torch_state_dict, snapshot_download)
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -35,6 +44,9 @@ from zoo.config import ZooConfig
 HUB_PREFIX = "hf-hub:"
 _MTP_PREFIX = "mtp."  # multi-token prediction modules (zoo.blocks.mtp)
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "README.md", "tokenizer*", "*.model", "*.txt"]
+_CHECKPOINT_FILES = {"config.json", "README.md", "tokenizer.json"}
+_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"  # single file or shard
+                           r"|(model\.safetensors|pytorch_model\.bin)\.index\.json")
 
 
 class CheckpointError(ValueError):
@@ -53,14 +65,24 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
     ``training`` adds what the card should report of the run: ``steps``, ``val_loss``, ``corpus``.
     ``weights_format="fp8"`` stores the linear weights as e4m3 with per-128x128-block inverse scales
     (DeepSeek-V3 layout, :mod:`zoo.fp8.checkpoint`); the default ``"hp"`` keeps the model's dtype.
-    Everything is written under a temporary name first, so a crash never leaves a half-written
-    checkpoint at ``path``; an existing checkpoint there is replaced only at the end.
+    Everything is written and fsynced in a hidden sibling directory ``.<name>.tmp-<random>`` that is
+    renamed to ``path`` at the end, so a crash never leaves a half-written checkpoint at ``path``.
+
+    ``path`` is replaced as a whole, so it must be new, empty, or a checkpoint directory (it has a
+    ``config.json``) holding only checkpoint files: ``config.json``, ``README.md``, ``tokenizer.json``,
+    the weights (``model*.safetensors``, ``pytorch_model*.bin``, their index) and the ``extra_files``
+    names. Anything else there (a user's notes, a ``.git`` folder) makes it raise ``FileExistsError``
+    naming those files before anything is written: they are never deleted, and never copied into a
+    checkpoint they do not belong to. A hard kill can leave a ``.<name>.tmp-*`` directory behind (or,
+    killed between the two renames of a replacement, the previous checkpoint as ``.<name>.old-*``); no
+    later save or load reads either, and they can be deleted.
     """
     if weights_format not in ("hp", "fp8"):
         raise ValueError(f"weights_format={weights_format!r}; choose 'hp' (high precision) or 'fp8'")
     path = Path(path)
+    _check_replaceable(path, set(extra_files or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
         config, state_dict = model.config.to_dict(), _untied_state_dict(model)
@@ -138,10 +160,24 @@ def upload_checkpoint(folder: str | os.PathLike, repo_id: str, private: bool | N
                       token: str | None = None, commit_message: str = "Upload zoo model",
                       revision: str | None = None):
     """Commit a checkpoint directory written by :func:`save_pretrained` to the Hub repo ``repo_id``
-    (created if missing); ``train.py`` calls this with the final export when ``hub.push`` is set."""
+    (created if missing); ``train.py`` calls this with the final export when ``hub.push`` is set.
+
+    The push replaces the checkpoint in the repo exactly, in one commit: it adds the folder's files and
+    deletes the repo's other top-level checkpoint files (older shards and index, ``pytorch_model*.bin``,
+    a ``tokenizer.json`` the new checkpoint lacks), so that a pull never mixes two checkpoints. Other
+    files (``.gitattributes``, a user's docs, anything in a subfolder) are kept. The commit names the
+    head it was computed from as its parent, so a concurrent commit makes it fail instead of being undone."""
+    folder = Path(folder)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision)
+    head = api.repo_info(repo_id, revision=revision)
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    stale = sorted(f.rfilename for f in head.siblings or []
+                   if "/" not in f.rfilename and _is_checkpoint_file(f.rfilename) and f.rfilename not in files)
+    operations = [*(CommitOperationDelete(name) for name in stale),
+                  *(CommitOperationAdd(name, folder / name) for name in files)]
+    return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision,
+                             parent_commit=head.sha)
 
 
 # --------------------------------------------------------------------------- loading
@@ -151,50 +187,59 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
                     token: str | None = None, cache_dir: str | os.PathLike | None = None,
                     dtype: torch.dtype | None = None, drop_mtp: bool = False):
     """A :class:`zoo.ZooModel` from a local directory or a Hub repo id (``org/name``, ``revision`` a
-    branch, tag or commit), holding a zoo checkpoint or a transformers checkpoint of a supported
-    ``model_type`` (see :mod:`zoo.convert`). ``dtype`` casts the weights; None keeps the checkpoint's.
-    ``drop_mtp=True`` leaves out the multi-token prediction modules (``mtp.*`` tensors, ``model.mtp``),
-    so that an MTP checkpoint serves as a plain model (DeepSeek-V3 §2.2)."""
+    branch, tag or commit), holding a zoo checkpoint (fp8 weights are dequantised) or a transformers
+    checkpoint of a supported ``model_type`` (see :mod:`zoo.convert`). ``dtype`` casts the weights; None
+    keeps the checkpoint's. ``drop_mtp=True`` leaves out the multi-token prediction modules (``mtp.*``
+    tensors, ``model.mtp``), so that an MTP checkpoint serves as a plain model (DeepSeek-V3 §2.2)."""
     directory = resolve_checkpoint(path_or_repo_id, revision, token=token, cache_dir=cache_dir)
-    config = _read_json(directory / "config.json")
-    if "model_type" in config:
-        from zoo.convert import convert_checkpoint
-
-        zoo_config, state_dict = convert_checkpoint(config, read_state_dict(directory), str(directory))
-    else:
-        quantization = config.pop("quantization_config", None)
-        zoo_config, state_dict = ZooConfig.from_dict(config), read_state_dict(directory)
-        if quantization is not None:  # fp8 weights (DeepSeek-V3 layout), dequantised for use anywhere
-            from zoo.fp8.checkpoint import dequantize_state_dict
-
-            state_dict = dequantize_state_dict(state_dict, quantization)
-    return load_model(zoo_config, state_dict, str(path_or_repo_id), dtype, drop_mtp=drop_mtp)
+    config, state_dict = read_checkpoint(directory)
+    return load_model(config, state_dict, str(path_or_repo_id), dtype, drop_mtp=drop_mtp)
 
 
-def load_pretrained_for(config: ZooConfig, revision: str | None = None, token: str | None = None):
-    """A model built from ``config`` with the weights of its ``hub.repo_id`` (a repo id or a local dir).
+def load_pretrained_for(config: ZooConfig, revision: str | None = None, token: str | None = None,
+                        drop_mtp: bool = False):
+    """A model built from ``config`` with the weights of its ``hub.repo_id`` (a repo id or a local dir),
+    read as :func:`from_pretrained` reads them; ``drop_mtp`` as there.
 
     The config may differ from the checkpoint's in anything that leaves the tensors' shapes alone;
     a shape mismatch names the tensors."""
     if config.hub.repo_id is None:
         raise ValueError(f"preset {config.name!r} has no hub.repo_id, so it has no pretrained weights")
     directory = resolve_checkpoint(config.hub.repo_id, revision, token=token)
-    return load_model(config, read_state_dict(directory), config.hub.repo_id)
+    _, state_dict = read_checkpoint(directory)
+    return load_model(config, state_dict, config.hub.repo_id, drop_mtp=drop_mtp)
 
 
-def load_hub_model(name: str, overrides: Mapping | None = None):
-    """``create_model("hf-hub:org/repo", ...)``: the repo's model, with ``overrides`` applied to its config."""
+def load_hub_model(name: str, overrides: Mapping | None = None, revision: str | None = None,
+                   token: str | None = None, drop_mtp: bool = False):
+    """``create_model("hf-hub:org/repo", ...)``: the repo's model (read as :func:`from_pretrained` reads
+    it), with ``overrides`` applied to its zoo config; ``revision``, ``token`` and ``drop_mtp`` as there."""
     from zoo.config import load_config
 
-    repo_id = name[len(HUB_PREFIX):]
-    directory = resolve_checkpoint(repo_id)
-    raw = _read_json(directory / "config.json")
-    if not overrides:
-        return from_pretrained(directory)
-    if "model_type" in raw:
-        raise ValueError(f"{name}: overrides {sorted(overrides)} apply to zoo checkpoints only, "
-                         f"and this repo holds a transformers {raw['model_type']!r} checkpoint")
-    return load_model(load_config(raw, overrides), read_state_dict(directory), name)
+    directory = resolve_checkpoint(name[len(HUB_PREFIX):], revision, token=token)
+    config, state_dict = read_checkpoint(directory)
+    if overrides:
+        config = load_config(config, overrides)
+    return load_model(config, state_dict, name, drop_mtp=drop_mtp)
+
+
+def read_checkpoint(directory: Path) -> tuple[ZooConfig, dict[str, torch.Tensor]]:
+    """The zoo config and state dict (zoo names, high precision) of a checkpoint directory: a
+    transformers checkpoint (``config.json`` with a ``model_type``) is converted by :mod:`zoo.convert`;
+    fp8 weights (``quantization_config``, DeepSeek-V3 layout) are dequantised by
+    :func:`zoo.fp8.checkpoint.dequantize_state_dict`."""
+    config = _read_json(directory / "config.json")
+    if "model_type" in config:
+        from zoo.convert import convert_checkpoint
+
+        return convert_checkpoint(config, read_state_dict(directory), str(directory))
+    quantization = config.pop("quantization_config", None)
+    zoo_config, state_dict = ZooConfig.from_dict(config), read_state_dict(directory)
+    if quantization is not None:
+        from zoo.fp8.checkpoint import dequantize_state_dict
+
+        state_dict = dequantize_state_dict(state_dict, quantization)
+    return zoo_config, state_dict
 
 
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None = None, *,
@@ -282,6 +327,14 @@ def load_model(config: ZooConfig, state_dict: dict[str, torch.Tensor], source: s
 
 
 def check_state_dict(model, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming every tensor of ``state_dict`` that does not fit ``model``:
+    missing, unexpected or wrongly shaped, and a trained output head that a tied model would discard."""
+    if (_tied_keys(model) and "head.weight" in state_dict and "embed.weight" in state_dict
+            and not torch.equal(state_dict["head.weight"], state_dict["embed.weight"])):
+        raise CheckpointError(
+            f"checkpoint {source!r} holds an output head 'head.weight' that differs from 'embed.weight', but the "
+            "config sets model.tie_embeddings=true, which would discard the trained head: set "
+            "model.tie_embeddings to false to load it")
     expected = {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - _tied_keys(model))
@@ -322,11 +375,57 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{str(file)!r} is not a readable safetensors file "
                                   f"(truncated or corrupt?): {err}") from err
+    zipped = zipfile.is_zipfile(file)  # torch.save's format since torch 1.6; older files are bare pickles
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # UnpicklingError for anything but tensors, RuntimeError for a corrupt zip
-        raise CheckpointError(f"refusing to load {str(file)!r}: it is not a plain tensor checkpoint, and "
-                              f"loading never executes pickled code (convert it to safetensors): {err}") from err
+        loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)  # mmap needs the zip format
+    except pickle.UnpicklingError:  # refused by the weights-only unpickler, or not a pickle at all
+        try:
+            names = _pickled_globals(file, zipped)
+        except (ValueError, zipfile.BadZipFile, OSError) as err:
+            raise _unreadable(file, err) from err
+        foreign = sorted(n for n in names if not n.startswith(("torch.", "collections.OrderedDict")))
+        listed = f" ({', '.join(foreign)})" if foreign else ""
+        raise CheckpointError(f"refused to load {str(file)!r}: it contains non-tensor objects{listed}; pickled code "
+                              "is never executed (convert it to safetensors where you trust its source)") from None
+    except Exception as err:  # a damaged zip, a pickle that ends early, storages cut short
+        raise _unreadable(file, err) from err
+    if not (isinstance(loaded, dict) and all(isinstance(v, torch.Tensor) for v in loaded.values())):
+        raise CheckpointError(f"{str(file)!r} holds a {type(loaded).__name__}, not a state dict of tensors by name")
+    return loaded
+
+
+def _unreadable(file: Path, err: Exception) -> CheckpointError:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return CheckpointError(f"corrupt or truncated file {str(file)!r}: it cannot be read as a torch.save tensor "
+                           f"checkpoint ({type(err).__name__}{': ' + detail if detail else ''})")
+
+
+def _pickled_globals(file: Path, zipped: bool) -> set[str]:
+    """The globals (``module.name``) that the pickles of a torch.save file refer to, found by parsing
+    their opcodes with :mod:`pickletools` (which executes nothing). ``ValueError`` when they are not
+    well-formed pickles: the file is corrupt, truncated or no pickle at all."""
+    with contextlib.ExitStack() as stack:
+        if zipped:
+            archive = stack.enter_context(zipfile.ZipFile(file))
+            records = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+            if not records:
+                raise ValueError("the zip archive holds no data.pkl")
+            stream, count = stack.enter_context(archive.open(records[0])), 1
+        else:  # magic number, protocol, system info, the object, storage keys; then raw storage bytes
+            stream, count = stack.enter_context(open(file, "rb")), 5
+        names: set[str] = set()
+        for i in range(count):
+            if i and not stream.peek(1):  # a bare pickle, not torch.save's sequence, ends after the first
+                break
+            strings: list[str] = []
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    names.add(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.add(".".join(strings[-2:]))
+                if isinstance(arg, str):
+                    strings.append(arg)
+        return names
 
 
 def _read_json(path: Path) -> dict:
@@ -345,11 +444,54 @@ def _untied_state_dict(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
 
 
+def _is_checkpoint_file(name: str) -> bool:
+    """Whether a top-level file name is one :func:`save_pretrained` writes (or a weights file of an
+    older checkpoint format), as opposed to a file a user put beside the checkpoint."""
+    return name in _CHECKPOINT_FILES or _WEIGHTS_FILE.fullmatch(name) is not None
+
+
+def _check_replaceable(path: Path, extra_names: set[str]) -> None:
+    """Raise ``FileExistsError`` unless saving to ``path`` can replace it without losing a user's file."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"cannot save a checkpoint to {str(path)!r}: it exists and is not a directory")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if (path / "config.json").is_file():
+        foreign = [e for e in entries if not (_is_checkpoint_file(e) or e in extra_names)]
+        why = "holds files that are not part of a zoo checkpoint"
+    else:
+        foreign = entries
+        why = "is not a checkpoint directory (it has no config.json) and is not empty"
+    if foreign:
+        listed = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise FileExistsError(
+            f"refusing to save a checkpoint to {str(path)!r}: saving replaces the whole directory, and it {why}: "
+            f"{listed}. Nothing was written; save to a new directory, or move those files out")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _replace_dir(staging: Path, path: Path) -> None:
+    """Move the finished ``staging`` directory to ``path`` (replacing a checkpoint there). Every file and
+    the directory are fsynced before the rename and the parent after it, so that after a power cut
+    ``path`` holds the old checkpoint or the complete new one (or, cut between the two renames of a
+    replacement, nothing, the old checkpoint being at ``.<name>.old-*``)."""
+    for file in staging.iterdir():
+        _fsync(file)
+    _fsync(staging)
     if path.exists():
-        retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
         os.replace(path, retired)
         os.replace(staging, path)
+        _fsync(path.parent)
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, path)
+        _fsync(path.parent)

@@ -2,9 +2,9 @@
 
 Keys and values come from one low-rank latent per token, ``c_kv = RMSNorm(W_DKV h)`` (Eq. 9), expanded
 per head as ``k_nope = W_UK c_kv`` and ``v = W_UV c_kv`` (Eq. 10-11). Rotary positions cannot pass
-through that compression, so a decoupled key ``k_rope = RoPE(W_KR h)`` (Eq. 15-16), shared by all heads,
-is concatenated to every head's key, and each query gets its own rope part (Eq. 13-14, 17-19). Queries
-may be compressed too (``q_lora_rank``, Eq. 12): ``q = W_UQ RMSNorm(W_DQ h)``.
+through that compression, so a decoupled key ``k_rope = RoPE(W_KR h)`` (Eq. 15), shared by all heads,
+is concatenated to every head's key, and each query gets its own rope part (Eq. 14, 16-19). Queries
+may be compressed too (``q_lora_rank``, Eq. 12-13): ``q = W_UQ RMSNorm(W_DQ h)``.
 
 The decoding cache holds only ``c_kv`` and ``k_rope``: ``kv_lora_rank + qk_rope_head_dim`` numbers per
 token and layer instead of ``2 n_heads head_dim``. Decoding one token uses the absorbed form (§2.1.3):
@@ -36,7 +36,7 @@ class MLAConfig:
     qk_rope_head_dim: int = 16  # d_h^R; 64 in DeepSeek-V3
     v_head_dim: int = 32
     rope_theta: float = 10000.0
-    norm_eps: float = 1.0e-6  # of the latent RMSNorms
+    norm_eps: float = 1.0e-6  # of the latent RMSNorms q_norm, kv_norm only; DeepSeek-V2/V3 fix it at 1e-6
     softmax_scale: float | None = None  # None: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
 
     def validate(self, model) -> None:
@@ -70,7 +70,17 @@ class MLACache:
 
 @register("mixer", "mla", config=MLAConfig)
 class MultiHeadLatentAttention(nn.Module):
-    """Causal MLA: ``(B, T, d_model) -> (B, T, d_model)``."""
+    """Causal Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434, §2.1): ``(B, T, d_model) ->
+    (B, T, d_model)``.
+
+    Implements Eq. 9-19 with an RMSNorm on each latent (as the released DeepSeek-V2/V3 models do,
+    eps ``norm_eps``): the key/value latent ``c_kv = RMSNorm(W_DKV h)`` (Eq. 9) expands per head to
+    ``k_C = W_UK c_kv`` and ``v_C = W_UV c_kv`` (Eq. 10-11); queries are ``q_C = W_UQ RMSNorm(W_DQ h)``
+    (Eq. 12-13; one ``q_proj`` when ``q_lora_rank`` is None) with a rotary part ``q_R = RoPE(W_QR c_q)``
+    (Eq. 14); the decoupled key ``k_R = RoPE(W_KR h)`` (Eq. 15) is shared by all heads, so ``q = [q_C;
+    q_R]``, ``k = [k_C; k_R]`` (Eq. 16-17), ``o = softmax(q k^T / sqrt(d_h + d_h^R)) v_C`` (Eq. 18) and
+    ``u = W_O o`` (Eq. 19). With a decoding state only ``c_kv`` and ``k_R`` are cached, and one-token
+    steps score against the latents with ``W_UK`` and ``W_UV`` absorbed (§2.1.2-2.1.3)."""
 
     def __init__(self, config: MLAConfig, ctx: BlockContext):
         super().__init__()

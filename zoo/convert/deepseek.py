@@ -29,6 +29,10 @@ from zoo.convert.common import (HFConfig, Tensors, check_dense_options, decoder_
                                 experts, rope_theta, swiglu)
 from zoo.hub import CheckpointError
 
+# The eps of the MLA latent norms (q_a_layernorm, kv_a_layernorm): transformers' DeepseekV3Attention builds
+# them with DeepseekV3RMSNorm's default 1e-6, not rms_norm_eps (which only the decoder-layer norms use).
+LATENT_NORM_EPS = 1e-6
+
 
 def convert(config: HFConfig, t: Tensors) -> dict:
     check_dense_options(config)
@@ -42,7 +46,7 @@ def convert(config: HFConfig, t: Tensors) -> dict:
     q_lora_rank, kv_lora_rank = config.raw.get("q_lora_rank"), config.require("kv_lora_rank")
     mixer = {"type": "mla", "n_heads": heads, "q_lora_rank": q_lora_rank, "kv_lora_rank": kv_lora_rank,
              "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": v_dim,
-             "rope_theta": rope_theta(config), "norm_eps": float(config.get("rms_norm_eps", 1e-6))}
+             "rope_theta": rope_theta(config), "norm_eps": LATENT_NORM_EPS}
     n_experts = config.require("n_routed_experts")
     d_expert = config.require("moe_intermediate_size")
     n_shared = config.get("n_shared_experts", 0)
