@@ -360,8 +360,8 @@ def test_push_pull_revisions_and_offline(hub, tmp_path):
 def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
     config = {**{f"model.{k}": v for k, v in TINY.items()}, "hub.repo_id": "org/swap"}
     run_client(f"""
+        import pytest
         from huggingface_hub import HfApi
-        from zoo.hub import load_hub_model, load_pretrained_for
         api = HfApi()
         sharded, single, resharded = tiny_model(), tiny_model(), tiny_model()
         first = sharded.push_to_hub("org/swap", max_shard_size=20_000)
@@ -376,11 +376,14 @@ def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
         assert "model.safetensors" not in files and "model.safetensors.index.json" in files and "NOTES.md" in files
         assert_same_model(resharded, zoo.from_pretrained("org/swap"))
 
-        # create_model's loaders take a revision and drop_mtp (zoo.hub.load_hub_model / load_pretrained_for)
-        assert_same_model(sharded, load_hub_model("hf-hub:org/swap", revision=first.oid))
-        assert_same_model(single, load_pretrained_for(zoo.load_config("dense-tiny", {config!r}), revision=second.oid))
+        # create_model downloads at a revision and can drop MTP modules, for hf-hub: names and presets alike
+        assert_same_model(sharded, zoo.create_model("hf-hub:org/swap", revision=first.oid))
+        assert_same_model(single, zoo.create_model("dense-tiny", pretrained=True, revision=second.oid,
+                                                   overrides={config!r}))
         tiny_model(mtp={{"depth": 1}}).push_to_hub("org/mtp")
-        assert load_hub_model("hf-hub:org/mtp", drop_mtp=True).mtp is None
+        assert zoo.create_model("hf-hub:org/mtp", drop_mtp=True).mtp is None
+        with pytest.raises(ValueError, match="pretrained=True"):
+            zoo.create_model("dense-tiny", revision="main")
 
         fp8 = tiny_model()
         fp8.push_to_hub("org/fp8", weights_format="fp8")

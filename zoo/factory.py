@@ -20,22 +20,27 @@ def build_model(config: ZooConfig) -> ZooModel:
 
 
 def create_model(name_or_path: str | Path | ZooConfig, pretrained: bool = False,
-                 overrides: Sequence[str] | Mapping[str, Any] | None = None, **model_fields) -> ZooModel:
+                 overrides: Sequence[str] | Mapping[str, Any] | None = None, *, revision: str | None = None,
+                 token: str | None = None, drop_mtp: bool = False, **model_fields) -> ZooModel:
     """A model from a preset name or config path, with dotted ``overrides`` and ``model.*`` keywords.
 
     ``create_model("switch-tiny", n_layers=2)`` sets ``model.n_layers``; a dict keyword merges into
     the section (``mixer={"n_heads": 4}``). ``pretrained=True`` loads the preset's Hub weights;
     ``"hf-hub:org/repo"`` names a Hub repo instead of a preset (its weights are always loaded).
+    ``revision``, ``token`` and ``drop_mtp`` apply to those downloads as in :func:`zoo.from_pretrained`.
     """
     merged = dict(parse_overrides(overrides))
     merged.update({f"model.{key}": value for key, value in model_fields.items()})
     if isinstance(name_or_path, str) and name_or_path.startswith("hf-hub:"):
         from zoo.hub import load_hub_model
 
-        return load_hub_model(name_or_path, merged)
+        return load_hub_model(name_or_path, merged, revision=revision, token=token, drop_mtp=drop_mtp)
     config = load_config(name_or_path, merged)
     if pretrained:
         from zoo.hub import load_pretrained_for
 
-        return load_pretrained_for(config)
+        return load_pretrained_for(config, revision, token=token, drop_mtp=drop_mtp)
+    if revision is not None or token is not None or drop_mtp:
+        raise ValueError("revision, token and drop_mtp apply to downloaded weights: pass pretrained=True "
+                         "or an 'hf-hub:' name")
     return build_model(config)
