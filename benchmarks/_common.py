@@ -72,6 +72,46 @@ def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, l
     return out
 
 
+def training_stepper(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int,
+                     **forward_kwargs) -> Callable[[], float]:
+    """A timed training step: ``run()`` does ``steps`` x (forward with ``labels=ids`` + backward + optimizer
+    step) under CPU bf16 autocast and returns tokens/s; ``run.step()`` is one untimed step. One warm-up step
+    (allocator, autocast caches, optimizer state) runs first."""
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, **forward_kwargs).loss
+        loss.backward()
+        optimizer.step()
+
+    step()
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        return steps * ids.numel() / (time.perf_counter() - start)
+
+    run.step = step
+    return run
+
+
+def zoo_training_stepper(model, ids: torch.Tensor, steps: int) -> Callable[[], float]:
+    """:func:`training_stepper` for a zoo model as ``zoo.training`` trains it: its optimizer (AdamW groups,
+    fused kernel) and its forward (``return_logits=False``: the head fused with the loss)."""
+    from zoo.training import ZooLightningModule
+
+    optimizer = ZooLightningModule(model.config, model).configure_optimizers()["optimizer"]
+    return training_stepper(model, ids, optimizer, steps, return_logits=False)
+
+
+def peer_training_stepper(model, ids: torch.Tensor, steps: int) -> Callable[[], float]:
+    """:func:`training_stepper` for a transformers model as its ``Trainer`` trains it by default
+    (``optim="adamw_torch_fused"``)."""
+    return training_stepper(model, ids, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), steps)
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 

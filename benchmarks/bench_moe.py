@@ -1,8 +1,10 @@
 """Training throughput of zoo's top-k MoE vs transformers' MixtralForCausalLM, same shapes, same run.
 
 Hidden 256, 4 layers, 8 heads (4 K/V heads), 8 experts top-2 of intermediate 896, vocab 32000, untied
-embeddings, batch 8 x 256: forward + backward + AdamW step under bf16 autocast on CPU. transformers
-runs with its default experts implementation (``grouped_mm``) and its ``eager`` per-expert loop. Each
+embeddings, batch 8 x 256: forward + backward + AdamW step under bf16 autocast on CPU, each library as its
+trainer runs it (zoo: ``zoo.training``'s optimizer and loss-only forward; transformers: its ``Trainer``'s
+default fused AdamW). transformers runs with its default experts implementation (``grouped_mm``) and its
+``eager`` per-expert loop. Each
 repeat times ``--steps`` steps per model, models alternating, so machine load hits all alike; tokens/s
 are medians over repeats. A second table times the MoE block alone (forward + backward of one layer's
 experts and router on the same 8 x 256 tokens), where the dispatch is all that differs. The fraction
@@ -21,7 +23,8 @@ import time
 import torch
 
 import zoo
-from benchmarks._common import RESULTS, alternate, matmul_peak_flops, print_table, save, summary, table
+from benchmarks._common import (RESULTS, alternate, matmul_peak_flops, peer_training_stepper, print_table, save,
+                                summary, table, zoo_training_stepper)
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2, d_hidden=896,
              vocab=32000, batch=8, seq=256)
@@ -54,29 +57,6 @@ def active_matmul_params(model: torch.nn.Module, s) -> int:
     router = sum(m.weight.numel() for m in model.modules() if type(m).__name__.endswith(("Router", "TopKRouter")))
     expert = 3 * s["d_model"] * s["d_hidden"]
     return linear + router + s["n_layers"] * s["top_k"] * expert
-
-
-def stepper(model, s, steps: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up: allocator, optimizer state
-
-    def run() -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return steps * ids.numel() / (time.perf_counter() - start)
-
-    run.step = step
-    return run
 
 
 def layer_stepper(block, s, steps: int, zoo_block: bool):
@@ -164,7 +144,9 @@ def main() -> None:
     torch.manual_seed(0)
     models = {"zoo": zoo_model(s), "transformers grouped_mm": hf_model(s, "grouped_mm"),
               "transformers eager": hf_model(s, "eager")}
-    runs = {name: stepper(model, s, steps) for name, model in models.items()}
+    ids = torch.randint(0, s["vocab"], (s["batch"], s["seq"]))
+    runs = {name: (zoo_training_stepper if name == "zoo" else peer_training_stepper)(model, ids, steps)
+            for name, model in models.items()}
     if args.profile:
         profile(runs)
     peak = matmul_peak_flops()

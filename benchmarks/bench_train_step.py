@@ -1,6 +1,8 @@
 """Training-step throughput of zoo's dense decoder vs transformers' LlamaForCausalLM, same shapes.
 
-Forward + backward + AdamW step in bf16 autocast on CPU; tokens/s as medians of alternating repeats,
+Forward + backward + AdamW step in bf16 autocast on CPU, each library as its trainer runs it (zoo:
+``zoo.training``'s optimizer and loss-only forward; transformers: its ``Trainer``'s default fused AdamW);
+tokens/s as medians of alternating repeats,
 and each model's fraction of the machine's measured bf16 matmul peak, counting
 ``6 N tokens`` (N: parameters in matmuls, the LM head included) plus attention ``12 L d T`` per token
 (PaLM, Chowdhery et al. 2022, App. B). Run from the repository root: ``python -m benchmarks.bench_train_step [--quick]``.
@@ -9,12 +11,12 @@ and each model's fraction of the machine's measured bf16 matmul peak, counting
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import zoo
-from benchmarks._common import alternate, matmul_peak_flops, plot_path, print_table, save, summary, table
+from benchmarks._common import (alternate, matmul_peak_flops, peer_training_stepper, plot_path, print_table, save,
+                                summary, table, zoo_training_stepper)
 
 SHAPES = {
     "dense-tiny": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_hidden=704, batch=16, seq=256),
@@ -41,28 +43,6 @@ def hf_model(s):
 
 def matmul_params(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-def stepper(model, s, steps: int):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up: allocator, autocast caches, optimizer state
-
-    def run() -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        return steps * ids.numel() / (time.perf_counter() - start)
-
-    return run
 
 
 def result_tables(payload: dict) -> dict:
@@ -115,7 +95,9 @@ def main() -> None:
     for name, s in shapes.items():
         torch.manual_seed(0)
         models = {"zoo": zoo_model(s), "transformers": hf_model(s)}
-        timings = alternate({k: stepper(m, s, steps) for k, m in models.items()}, repeats)
+        ids = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
+        timings = alternate({"zoo": zoo_training_stepper(models["zoo"], ids, steps),
+                             "transformers": peer_training_stepper(models["transformers"], ids, steps)}, repeats)
         entry = {"shape": s, "tokens_per_sec": {}, "mfu": {}}
         for impl, model in models.items():
             flops_per_token = 6 * matmul_params(model) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
