@@ -6,8 +6,10 @@ Two models of equal width and depth (d_model 256, 4 layers, vocab 257): ``retnet
 that context — the KV caches filled with random keys and values, the recurrent states with random
 values (a step's cost depends on how much context there is, not on its contents; prefilling 16k
 tokens would only slow the benchmark down) — and then one token at a time is fed exactly as
-``model.generate`` does. Per-token times are medians over alternating repeats (retention,
-attention, retention, ...) of ``steps`` tokens each.
+``model.generate`` does. The peer of the whole attention model is transformers' ``LlamaForCausalLM`` of
+the same shape with its default ``DynamicCache``, filled the same way and fed the same way. Per-token times
+are medians over alternating repeats (retention, attention, transformers, retention, ...) of ``steps``
+tokens each.
 
 Run from the repository root: ``python -m benchmarks.bench_decode [--quick]``.
 """
@@ -25,6 +27,7 @@ from benchmarks._common import RESULTS, alternate, print_table, save, scaled, su
 
 VOCAB = 257
 MODELS = {"retention": "retnet-tiny", "attention": "dense-tiny"}
+PEER = "transformers model"  # transformers' Llama of the attention model's shape, whole model only
 PARTS = ("model", "mixer")
 
 
@@ -44,6 +47,39 @@ def states_at(model, batch: int, context: int, max_len: int) -> list:
             state.v[:, :, :context].normal_()
         state.length = context
     return states
+
+
+def peer_model(max_len: int):
+    """transformers' Llama with dense-tiny's shape (d 256, 4 layers, 8 / 4 heads, SwiGLU 704, tied head)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=max_len,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def peer_decoder(model, batch: int, context: int, steps: int, clock=time.perf_counter):
+    """:func:`decoder` for the transformers peer: its ``DynamicCache`` holding ``context`` random K/V."""
+    from transformers import DynamicCache
+
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = DynamicCache(config=config)
+    for layer in range(config.num_hidden_layers):
+        kv = torch.randn(2, batch, config.num_key_value_heads, context, head_dim)
+        cache.update(kv[0], kv[1], layer)
+    token = torch.randint(0, VOCAB, (batch, 1))
+
+    def run() -> float:
+        start = clock()
+        with torch.inference_mode():
+            for _ in range(steps):
+                model(token, cache=cache, use_cache=True)
+        return (clock() - start) / steps
+
+    run()
+    return run
 
 
 def decoder(model, batch: int, context: int, steps: int, repeats: int, part: str, clock=time.perf_counter):
@@ -76,9 +112,12 @@ def result_tables(payload: dict, name: str) -> dict:
         for part in PARTS:
             ret, att = r[f"retention {part}"], r[f"attention {part}"]
             row += [scaled(ret, 1e3), scaled(att, 1e3), att["median"] / ret["median"]]
+        peer = r.get(PEER)
+        row += [scaled(peer, 1e3), peer["median"] / r["attention model"]["median"]] if peer else [None, None]
         rows.append(row)
     columns = ["batch", "context"] + [h for part in PARTS for h in (
-        f"retention {part} ms/token", f"attention {part} ms/token", f"attention / retention ({part})")]
+        f"retention {part} ms/token", f"attention {part} ms/token", f"attention / retention ({part})")] + [
+        "transformers Llama model ms/token", "transformers / zoo attention (model)"]
     return {"table": table(f"Decoding cost per token, float32, {payload['clock']} clock ('mixer': one layer's mixer)",
                            columns, rows), "plots": [f"{name}.png"], "quick": name.endswith("_quick")}
 
@@ -100,11 +139,13 @@ def main() -> None:
     steps, repeats = (4, 2) if args.quick else (16, 5)
     max_len = max(contexts) + steps * (repeats + 1)
     models = {name: build(preset, max_len) for name, preset in MODELS.items()}
+    peer = peer_model(max_len + steps * (repeats + 1))
     results = []
     for batch in batches:
         for context in contexts:
             runs = {f"{name} {part}": decoder(model, batch, context, steps, repeats, part, clock)
                     for part in PARTS for name, model in models.items()}
+            runs[PEER] = peer_decoder(peer, batch, context, steps, clock)
             times = alternate(runs, repeats)
             results.append({"batch": batch, "context": context, **{n: summary(t) for n, t in times.items()}})
             print(f"batch {batch} context {context} done", flush=True)
@@ -114,9 +155,9 @@ def main() -> None:
     med = lambda r, key: r[key]["median"] * 1e3  # noqa: E731
     rows = [[r["batch"], r["context"]] + [v for part in PARTS for v in (
         med(r, f"retention {part}"), med(r, f"attention {part}"), med(r, f"attention {part}") / med(r, f"retention {part}"))]
-        for r in results]
+        + [med(r, PEER), med(r, PEER) / med(r, "attention model")] for r in results]
     print_table(["batch", "context"] + [h for part in PARTS for h in (
-        f"retention {part} ms", f"attention {part} ms", "attn / ret")], rows)
+        f"retention {part} ms", f"attention {part} ms", "attn / ret")] + ["hf model ms", "hf / zoo attn"], rows)
     goals = {}
     for batch in batches:
         by_ctx = {r["context"]: r for r in results if r["batch"] == batch}
@@ -149,6 +190,9 @@ def plot(results: list[dict], batches: list[int], path: Path, clock_name: str) -
             for name, marker in (("retention", "o"), ("attention", "s")):
                 ax.plot([r["context"] for r in rows], [r[f"{name} {part}"]["median"] * 1e3 for r in rows],
                         marker=marker, linestyle=style, label=f"{name}, batch {batch}")
+            if part == "model" and all(PEER in r for r in rows):
+                ax.plot([r["context"] for r in rows], [r[PEER]["median"] * 1e3 for r in rows], marker="^",
+                        linestyle=style, color="grey", label=f"transformers Llama, batch {batch}")
         contexts = [r["context"] for r in results if r["batch"] == batches[0]]
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="ms per generated token",
                title=f"{'whole model (4 layers)' if part == 'model' else 'one mixer layer'}")
