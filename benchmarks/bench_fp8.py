@@ -54,14 +54,17 @@ def linear_runner(module: nn.Module, x: torch.Tensor, iters: int):
 
 
 def step_runner(model: nn.Module, ids: torch.Tensor, iters: int):
-    """A callable timing ``iters`` training steps (fwd + bwd + AdamW) in bf16 autocast (seconds each)."""
+    """A callable timing ``iters`` training steps (fwd + bwd + AdamW) in bf16 autocast (seconds each), as
+    ``zoo.training`` runs them (its optimizer, the loss-only forward)."""
+    from zoo.training import ZooLightningModule
+
     device = ids.device.type
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = ZooLightningModule(model.config, model).configure_optimizers()["optimizer"]
 
     def once():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(ids, labels=ids).loss
+            loss = model(ids, labels=ids, return_logits=False).loss
         loss.backward()
         optimizer.step()
 
