@@ -143,6 +143,32 @@ def plot_path(name: str) -> Path:
     return RESULTS / f"{name}.png"
 
 
+def bar_plot(name: str, title: str, panels: list[tuple[str, str, dict]]) -> str:
+    """Save ``RESULTS/<name>.png``: one bar chart per ``(panel title, y label, {bar label: summary() or
+    number})``, medians with min-max whiskers; returns the file name (for the payload's ``plots``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, ylabel, bars) in zip(axes[0], panels):
+        cells = [v if isinstance(v, dict) else {"median": v, "min": v, "max": v} for v in bars.values()]
+        medians = [c["median"] for c in cells]
+        ax.bar(range(len(cells)), medians, yerr=[[m - c["min"] for m, c in zip(medians, cells)],
+                                                 [c["max"] - m for m, c in zip(medians, cells)]], capsize=4)
+        for i, m in enumerate(medians):
+            ax.text(i, m, f"{m:,.3g}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(cells)), [label.replace(" ", "\n", 1) for label in bars], fontsize=8)
+        ax.set(title=panel, ylabel=ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = plot_path(name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in headers]] + [[f"{c:,.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import zoo
-from benchmarks._common import alternate, print_table, save, scaled, summary, table
+from benchmarks._common import alternate, bar_plot, print_table, save, scaled, summary, table
 from zoo.fp8 import Float8Linear, make_recipe
 
 RECIPES = ("tensorwise", "rowwise", "blockwise")
@@ -132,7 +132,25 @@ def result_tables(payload: dict) -> dict:
             "tables": [table(f"d x d linear fwd + bwd on {payload['tokens']} tokens",
                              ["d", "bf16 ms", *[f"{r} ms" for r in RECIPES], *[f"{r} x vs bf16" for r in RECIPES]],
                              linear_rows)],
-            "reading": payload["note"]}
+            "reading": reading(payload)}
+
+
+def reading(payload: dict) -> str:
+    """One paragraph composed from the figures: the GPU speed-up against the goal (>= 1.4x at d = 4096 on an
+    H100), or on CPU what the emulation costs."""
+    linears, step = payload["linear_fwd_bwd"], payload["train_step"]["steps"]
+    step_x = ", ".join(f"{r} {step[r]['speedup_vs_bf16']:.2f}x" for r in RECIPES if r in step)
+    if payload["emulation"]:
+        worst = max(linears[d][r]["median"] / linears[d]["bf16"]["median"] for d in linears for r in RECIPES)
+        return (f"EMULATION on CPU: quantise/dequantise + float32 GEMMs cost up to {worst:.1f}x a bf16 linear's time, "
+                f"and the {payload['train_step']['preset']} step runs at {step_x} of bf16's speed. These figures say "
+                f"nothing about fp8 on GPUs, where the GEMMs run on float8 tensor cores.")
+    d = "4096" if "4096" in linears else max(linears, key=int)
+    best = max(RECIPES, key=lambda r: linears[d][r]["speedup_vs_bf16"])
+    x = linears[d][best]["speedup_vs_bf16"]
+    return (f"{payload['mode']}: at d = {d} the fastest recipe, {best}, runs a linear's forward + backward at "
+            f"{x:.2f}x bf16 (goal >= 1.4x: {'met' if x >= 1.4 else 'missed'}); the {payload['train_step']['preset']} "
+            f"step runs at {step_x} of bf16's speed.")
 
 
 def main() -> None:
@@ -159,11 +177,12 @@ def main() -> None:
     print(f"\n{preset} training step, batch {batch} x {seq} tokens, bf16 autocast")
     print_table(["fp8 recipe", "fp8 linears", "ms/step", "tokens/s", "x vs bf16"], step_rows)
     payload = {"device": device, "emulation": not cuda, "mode": mode, "repeats": repeats, "quick": args.quick,
-               "tokens": tokens, "linear_fwd_bwd": linears, "train_step": step,
-               "note": ("CPU figures are the cost of emulating fp8 (quantise/dequantise + float32 GEMMs) "
-                                 "relative to bf16 autocast; they say nothing about fp8 speed on GPUs. "
-                                 "The machine was shared with other jobs; medians of alternating repeats.")
-               if not cuda else "speed-up goal on H100: >= 1.4x at d=4096"}
+               "tokens": tokens, "linear_fwd_bwd": linears, "train_step": step}
+    payload["plots"] = [bar_plot("fp8", f"FP8 vs bf16, {mode}", [
+        (f"d x d linear fwd + bwd, d = {d}", "x vs bf16 (>1: faster)",
+         {r: linears[d][r]["speedup_vs_bf16"] for r in RECIPES}) for d in linears] + [
+        (f"{preset} training step", "x vs bf16 (>1: faster)",
+         {r: e["speedup_vs_bf16"] for r, e in step["steps"].items() if r != "none"})])]
     path = save("fp8", {**payload, **result_tables(payload)})
     print(f"wrote {path}")
 

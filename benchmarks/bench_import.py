@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import alternate, print_table, save, summary, table
+from benchmarks._common import alternate, bar_plot, print_table, save, summary, table
 
 SHAPE = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
              num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=2048,
@@ -154,7 +154,12 @@ def main() -> None:
                  "greedy tokens/s (b=1)"], rows)
     print(f"greedy outputs identical: {decoding['same_tokens']}")
     result["quick"] = args.quick
-    print(f"wrote {save('bench_import' + ('_quick' if args.quick else ''), {**result, **result_tables(result)})}")
+    name = "bench_import" + ("_quick" if args.quick else "")
+    result["plots"] = [bar_plot(name, f"importing a {n_params / 1e6:.1f} M-parameter transformers Llama checkpoint",
+                                [("load (fresh process)", "seconds", {k: v["seconds"] for k, v in result["load"].items()}),
+                                 ("load peak memory", "MiB", {k: v["peak_mib"] for k, v in result["load"].items()}),
+                                 ("greedy decoding, batch 1", "tokens/s", result["decode"])])]
+    print(f"wrote {save(name, {**result, **result_tables(result)})}")
 
 
 if __name__ == "__main__":

@@ -184,8 +184,13 @@ def report(payload: dict) -> dict:
         f"{loss['without_mtp']:.3f} without ({delta:+.3f} nats/token): MTP "
         f"{'helped' if delta < 0 else 'hurt'} the main head here (one seed; Gloeckle et al. found it hurts small "
         f"models).")
+    curves = payload["val_curves"]
+    loss_rows = [[step, with_mtp, without, with_mtp - without]
+                 for step, with_mtp, without in zip(curves["steps"], curves["with_mtp"], curves["without_mtp"])]
     return {"table": table("mtp-tiny, MTP depth 1: plain vs self-speculative greedy decoding, batch 1",
                            ["decoder", "tokens/s", "x vs plain", "acceptance", "tokens per main pass"], rows),
+            "tables": [table("MTP on vs off: main-head validation loss (nats/token), same initial weights and batches",
+                             ["step", "with MTP", "without MTP (peer)", "difference"], loss_rows)],
             "reading": reading}
 
 

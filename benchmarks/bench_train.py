@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from benchmarks._common import alternate, print_table, save, scaled, summary, table
+from benchmarks._common import alternate, bar_plot, print_table, save, scaled, summary, table
 from zoo.data import ZooDataModule
 from zoo.training import param_groups, train
 
@@ -112,7 +112,11 @@ def main() -> None:
         "seconds_per_step": {k: summary(v) for k, v in results.items()},
         "tokens_per_sec": {k: tokens_per_step / v for k, v in med.items() if k != "data"},
         "data_share_of_step": share}
-    path = save("bench_train" + ("_quick" if args.quick else ""), {**payload, **result_tables(payload)})
+    name = "bench_train" + ("_quick" if args.quick else "")
+    payload["plots"] = [bar_plot(name, f"{args.preset} training, {tokens_per_step} tokens/step, {train_cfg.precision}",
+                                 [("seconds per step", "ms (median, min-max)",
+                                   {k: scaled(v, 1e3) for k, v in payload["seconds_per_step"].items()})])]
+    path = save(name, {**payload, **result_tables(payload)})
     print(f"wrote {path}")
 
 

@@ -265,3 +265,12 @@ def test_post_step_hook_and_router_metrics(tmp_path, counting_ffn):
     assert load.shape == (1, 4) and load.sum().item() == pytest.approx(1.0)
     assert column(rows, "val/maxvio")[4] == pytest.approx(max_violation(load).item())
     assert (tmp_path / "expert_load.png").stat().st_size > 0
+
+
+def test_default_precision_clips_gradients_with_the_fused_optimizer(tmp_path):
+    config = tiny_config(tmp_path, **{"train.precision": "bf16-mixed", "train.max_steps": 3,
+                                      "train.val_check_interval": 3, "train.checkpoint_every": 3})
+    assert config.train.trainer.gradient_clip_val > 0
+    result = train(config)
+    optimizer = result.module.optimizers().optimizer
+    assert optimizer.defaults["fused"] and result.steps == 3 and math.isfinite(result.val_loss)

@@ -102,6 +102,9 @@ class ZooLightningModule(L.LightningModule):
         fused = len(devices) == 1 and devices <= {"cpu", "cuda"}  # one kernel per step, no temporaries
         optimizer = torch.optim.AdamW(param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=opt.betas,
                                       eps=opt.eps, fused=fused or None)
+        # A fused AdamW offers to unscale fp16 gradients itself, and Lightning then refuses to clip them under
+        # mixed precision; declining lets a GradScaler unscale before clipping (bf16 has no scaler at all).
+        optimizer._step_supports_amp_scaling = False
         sched = train.schedule
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, sched.warmup_steps, train.max_steps, sched.min_lr_ratio))
