@@ -129,10 +129,11 @@ def table(title: str, columns: list[str], rows: list[list]) -> dict:
     return {"title": title, "columns": list(columns), "rows": [list(row) for row in rows]}
 
 
-def save(name: str, payload: dict) -> Path:
-    """Write ``RESULTS/<name>.json``: ``{"benchmark": name, "machine": machine(), **payload}``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, payload: dict, results_dir: Path | None = None) -> Path:
+    """Write ``<results_dir or RESULTS>/<name>.json``: ``{"benchmark": name, "machine": machine(), **payload}``."""
+    results_dir = results_dir or RESULTS
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
     return path
 
@@ -158,7 +159,7 @@ def bar_plot(name: str, title: str, panels: list[tuple[str, str, dict]]) -> str:
         ax.bar(range(len(cells)), medians, yerr=[[m - c["min"] for m, c in zip(medians, cells)],
                                                  [c["max"] - m for m, c in zip(medians, cells)]], capsize=4)
         for i, m in enumerate(medians):
-            ax.text(i, m, f"{m:,.3g}", ha="center", va="bottom", fontsize=8)
+            ax.text(i + 0.08, m, f"{m:,.3g}", ha="left", va="bottom", fontsize=8)
         ax.set_xticks(range(len(cells)), [label.replace(" ", "\n", 1) for label in bars], fontsize=8)
         ax.set(title=panel, ylabel=ylabel)
     fig.suptitle(title)

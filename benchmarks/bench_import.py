@@ -124,7 +124,7 @@ def result_tables(result: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 4-layer model, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="a 4-layer model, one repeat")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--measure-load", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
@@ -133,7 +133,7 @@ def main() -> None:
         print(json.dumps(measure_load(*args.measure_load)))
         return
     shape = QUICK if args.quick else SHAPE
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (1 if args.quick else 5)
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llama"

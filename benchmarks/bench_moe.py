@@ -28,6 +28,7 @@ from benchmarks._common import (RESULTS, alternate, matmul_peak_flops, peer_trai
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2, d_hidden=896,
              vocab=32000, batch=8, seq=256)
+QUICK_SHAPE = dict(SHAPE, n_layers=2, d_hidden=256, vocab=2048, batch=2, seq=128)  # checks the plumbing only
 
 
 def zoo_model(s):
@@ -108,8 +109,10 @@ def plot(results: dict, path) -> None:
             ax.text(i + 0.05, m, f"{m:,.0f}", ha="left", va="bottom")
         ax.set_ylabel("tokens/s (median, min-max)")
         ax.set_title(title)
-    fig.suptitle(f"MoE training, bf16 autocast, CPU ({results['threads']} thread(s)); d 256, 4 layers, "
-                 f"8 experts top-2, vocab 32k, batch 8x256")
+    s = results["shape"]
+    fig.suptitle(f"MoE training, bf16 autocast, CPU ({results['threads']} thread(s)); d {s['d_model']}, "
+                 f"{s['n_layers']} layers, {s['n_experts']} experts top-{s['top_k']}, vocab {s['vocab']:,}, "
+                 f"batch {s['batch']}x{s['seq']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -130,7 +133,7 @@ def result_tables(results: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 repeats of 1 step")
+    parser.add_argument("--quick", action="store_true", help="a small shape, 3 repeats of 1 step")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
@@ -140,7 +143,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
-    s = SHAPE
+    s = QUICK_SHAPE if args.quick else SHAPE
     torch.manual_seed(0)
     models = {"zoo": zoo_model(s), "transformers grouped_mm": hf_model(s, "grouped_mm"),
               "transformers eager": hf_model(s, "eager")}

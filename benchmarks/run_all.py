@@ -12,13 +12,14 @@ the suite goes on; the exit code is non-zero if any failed. ``--quick`` writes t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import RESULTS_ENV
+from benchmarks._common import RESULTS_ENV, save, table
 from benchmarks._render import default_page, render
 
 HERE = Path(__file__).resolve().parent
@@ -26,7 +27,7 @@ PATTERNS = ("bench_*.py", "reproduce_*.py", "gpu_*.py")
 
 
 def discover() -> list[str]:
-    """Module names of the benchmark scripts in ``benchmarks/``, sorted (benchmarks, GPU, reproductions)."""
+    """Module names of the benchmark scripts in ``benchmarks/``, sorted (benchmarks, reproductions, GPU)."""
     return [p.stem for pattern in PATTERNS for p in sorted(HERE.glob(pattern))]
 
 
@@ -45,6 +46,24 @@ def run_script(name: str, quick: bool, results_dir: Path, log_dir: Path, timeout
             code = 124
             f.write(f"\n(timed out after {timeout:.0f} s)\n")
     return code, log.read_text(errors="replace")[-3000:]
+
+
+def record_run(results_dir: Path, name: str, code: int, seconds: float, quick: bool) -> None:
+    """Add one script's run (exit code, wall time) to ``suite.json``, which keeps the latest run of every script,
+    so the page says how long each took and what the whole suite costs."""
+    path = results_dir / "suite.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else {}
+    runs[name] = {"exit_code": code, "seconds": seconds, "quick": quick, "finished": time.strftime("%Y-%m-%d %H:%M")}
+    rows = [[n, "ok" if r["exit_code"] == 0 else f"failed ({r['exit_code']})", r["seconds"] / 60, r["quick"],
+             r["finished"]] for n, r in sorted(runs.items())]
+    total = sum(r["seconds"] for r in runs.values()) / 60
+    reproductions = sum(r["seconds"] for n, r in runs.items() if n.startswith("reproduce_")) / 60
+    save("suite", {"runs": runs, "total_minutes": total, "reproduction_minutes": reproductions,
+                   "table": table("Latest run of each script", ["script", "status", "minutes", "quick", "finished"],
+                                  rows),
+                   "reading": f"The latest runs took {total:.1f} minutes in all, {reproductions:.1f} of them for the "
+                              f"reproductions (each script in its own process, one after another)."},
+         results_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             code, log_tail = run_script(name, args.quick, results_dir, log_dir, args.timeout)
             elapsed = time.perf_counter() - start
+            record_run(results_dir, name, code, elapsed, args.quick)
             if code == 0:
                 print(f"ok ({elapsed:.1f} s)", flush=True)
             else:
