@@ -42,6 +42,8 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._cos_sin(offset + T, x.device, dtype)
         broadcast = (T,) + (1,) * (x.dim() - seq_dim - 2) + (self.head_dim // 2,)
         cos, sin = cos[offset:offset + T].view(broadcast), sin[offset:offset + T].view(broadcast)
+        if not (torch.is_grad_enabled() and x.requires_grad):  # decoding: no autograd node to build
+            return _rotate(x, cos, sin, 1.0)
         return _Rotate.apply(x, cos, sin)
 
 
