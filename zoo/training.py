@@ -452,15 +452,8 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
 
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
     control = RunControl(out_dir / "checkpoints", train_cfg.checkpoint_every, train_cfg.max_steps)
-    tc = train_cfg.trainer
-    trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
-        precision=train_cfg.precision, max_steps=train_cfg.max_steps,
-        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
-        val_check_interval=train_cfg.val_check_interval * tc.accumulate_grad_batches,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=loggers, callbacks=[control, *callbacks],
-        enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=train_cfg.log_every,
-        default_root_dir=out_dir, **tc.extra)
+    trainer = L.Trainer(**trainer_arguments(config, out_dir, loggers, [control, *callbacks]),
+                        **train_cfg.trainer.extra)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
 
     steps = trainer.global_step
@@ -475,7 +468,7 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
     model = module.model.float().cpu().eval()
     model.save_pretrained(out_dir / "final", extra_files={"tokenizer.json": tokenizer.to_json()},
                           training={"steps": steps, "val_loss": val_loss})
-    if config.hub.push and config.hub.repo_id:
+    if config.hub.push:
         from zoo.hub import upload_checkpoint
 
         upload_checkpoint(out_dir / "final", config.hub.repo_id, commit_message=f"zoo training run: step {steps}")
@@ -489,6 +482,20 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
         print(f"final validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}) at step {steps}; "
               f"model in {out_dir / 'final'}")
     return result
+
+
+def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks: list) -> dict:
+    """The ``lightning.Trainer`` arguments zoo sets (``zoo.config.TRAINER_ARGS_SET_BY_ZOO`` says from
+    which keys); ``train.trainer.extra`` adds others."""
+    train_cfg, tc = config.train, config.train.trainer
+    return dict(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        precision=train_cfg.precision, max_steps=train_cfg.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=train_cfg.val_check_interval * tc.accumulate_grad_batches,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=loggers, callbacks=callbacks,
+        enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=train_cfg.log_every,
+        default_root_dir=out_dir)
 
 
 def _checkpoint_step(path: Path) -> int:
