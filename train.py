@@ -29,9 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config.to_yaml(), end="")
             return 0
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
         from zoo.training import train
 
-        result = train(config)
+        try:
+            result = train(config)
+        except MisconfigurationException as err:  # a setting zoo cannot check before Lightning starts
+            print(f"lightning configuration error: {err}", file=sys.stderr)
+            return 2
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

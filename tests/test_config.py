@@ -61,10 +61,70 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
     (["model.layers.9.ffn.d_hidden=8"], r"model.layers.9: layer index out of range for model.n_layers=4"),
     (["model.layers.1.mixer.n_heads=5"], r"model.layers.1.mixer: n_heads=5 does not divide model.d_model=256"),
     (["model.n_layers"], r"not of the form dotted.key=value"),
+    (["train.precision=bf17"], r"train.precision: 'bf17' is not a Lightning precision \(did you mean bf16[^)]*\); "
+                               r"choose one of bf16-mixed, bf16-true, 16-mixed, 16-true, 32-true, 64-true"),
+    (["train.trainer.strategy=bogus"], r"train.trainer.strategy: 'bogus' is not a Lightning strategy; "
+                                       r"registered: auto, ddp, .*ddp_spawn.*deepspeed.*fsdp"),
+    (["train.trainer.accelerator=cdua"], r"train.trainer.accelerator: 'cdua' is not a Lightning accelerator "
+                                         r"\(did you mean cuda"),
+    (["train.trainer.devices=0"], r"train.trainer.devices: 0 is not allowed; use a positive device count, "
+                                  r"-1 \(all devices\), 'auto', or a list"),
+    (["train.trainer.devices=-2"], r"train.trainer.devices: -2 is not allowed"),
+    (["train.trainer.devices=[0, 0]"], r"train.trainer.devices: \[0, 0\] is not allowed"),
+    (["train.trainer.devices=[]"], r"train.trainer.devices: \[\] is not allowed"),
+    (["train.trainer.devices=some"], r"train.trainer.devices: 'some' is not allowed"),
+    (["train.trainer.gradient_clip_val=-1"], r"train.trainer.gradient_clip_val must be >= 0 or null"),
+    (["train.optimizer.betas=[2, 3]"], r"train.optimizer.betas: each must be in \[0, 1\), got \[2.0, 3.0\]"),
+    (["train.optimizer.betas=[0.9, 1.0]"], r"train.optimizer.betas: each must be in \[0, 1\)"),
+    (["train.optimizer.weight_decay=-1"], r"train.optimizer.weight_decay must be >= 0, got -1.0"),
+    (["train.optimizer.eps=0"], r"train.optimizer: eps must be positive, got 0.0"),
+    (["train.schedule.warmup_steps=-5"], r"train.schedule.warmup_steps must be >= 0, got -5"),
+    (["train.data.tokenizer=nonsense"], r"train.data.tokenizer: 'nonsense' is not allowed; use bytes, bpe, or the "
+                                        r"path of a tokenizer.json file"),
+    (["train.data.bpe_vocab_size=100"], r"train.data.bpe_vocab_size must exceed 257 \(the 256 byte symbols and "
+                                        r"<\|endoftext\|>, plus at least one merge\), got 100"),
+    (["train.trainer.extra={precision: 16, logger: false, max_epochs: 2}"],
+     r"train.trainer.extra: precision, logger repeat lightning.Trainer arguments that zoo already passes "
+     r"\(precision is set by train.precision; logger is set by zoo, for metrics.csv"),
+    (["train.trainer.precision=16-mixed"], r"unknown key 'train.trainer.precision'; it is set by train.precision"),
+    (["train.trainer.max_steps=5"], r"unknown key 'train.trainer.max_steps'; it is set by train.max_steps"),
+    (["hub.push=true"], r"hub.push=true needs hub.repo_id"),
 ])
 def test_bad_inputs_name_the_key(overrides, message):
     with pytest.raises(zoo.ConfigError, match=message):
         zoo.load_config("dense-tiny", overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.precision=32"], ["train.precision=bf16-true"], ["train.trainer.devices=auto"],
+    ["train.trainer.devices=-1"], ["train.trainer.devices=[0, 1]"], ["train.trainer.devices=0,1"],
+    ["train.trainer.strategy=DDP"], ["train.trainer.strategy=ddp_find_unused_parameters_true"],
+    ["train.trainer.accelerator=cpu"], ["train.trainer.gradient_clip_val=null"],
+    ["train.trainer.extra={max_epochs: 2, enable_progress_bar: false}"], ["train.schedule.warmup_steps=0"],
+    ["train.optimizer.betas=[0.0, 0.999]", "train.optimizer.weight_decay=0"],
+    ["train.data.tokenizer=runs/x/final/tokenizer.json"], ["train.data.bpe_vocab_size=258"],
+    ["hub.push=true", "hub.repo_id=org/name"],
+])
+def test_allowed_train_values_load_and_round_trip(overrides):
+    config = zoo.load_config("dense-tiny", overrides)
+    assert ZooConfig.from_json(config.to_json()) == config
+
+
+def test_lightning_values_match_lightning():
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision.precision import (_PRECISION_INPUT_INT, _PRECISION_INPUT_STR,
+                                                              _PRECISION_INPUT_STR_ALIAS)
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from zoo.config import _BUILTIN_ACCELERATORS, _BUILTIN_STRATEGIES, LIGHTNING_PRECISIONS
+
+    lightning_precisions = get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_INT) + get_args(
+        _PRECISION_INPUT_STR_ALIAS)
+    assert sorted(map(str, LIGHTNING_PRECISIONS)) == sorted(map(str, lightning_precisions))
+    assert set(_BUILTIN_STRATEGIES) <= {"auto", *StrategyRegistry.available_strategies()}
+    assert set(_BUILTIN_ACCELERATORS) <= {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}
 
 
 def test_config_error_is_a_value_error_and_unknown_preset_suggests():

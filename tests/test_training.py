@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import zoo
 from zoo.config import ConfigError
 from zoo.tokenizer import HFTokenizer
-from zoo.training import lr_factor, max_violation, param_groups, train
+from zoo.training import lr_factor, max_violation, moe_max_violation, param_groups, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -274,3 +274,20 @@ def test_default_precision_clips_gradients_with_the_fused_optimizer(tmp_path):
     result = train(config)
     optimizer = result.module.optimizers().optimizer
     assert optimizer.defaults["fused"] and result.steps == 3 and math.isfinite(result.val_loss)
+
+
+def test_moe_layers_with_different_expert_counts(tmp_path):
+    moe = {"type": "moe", "n_experts": 4, "top_k": 2, "d_hidden": 16, "loss_free_bias": True}
+    config = tiny_config(tmp_path, **{"model.n_layers": 2, "model.ffn": moe, "model.layers.1.ffn": {"n_experts": 8},
+                                      "train.max_steps": 2, "train.val_check_interval": 2, "train.batch_size": 4})
+    assert [config.model.layer_blocks(i)[1].options.n_experts for i in (0, 1)] == [4, 8]
+    result = train(config)
+    load = result.module.val_expert_load
+    assert load.shape == (2, 8) and load[0, 4:].isnan().all() and not load[1].isnan().any()
+    assert load.nansum(-1).tolist() == pytest.approx([1.0, 1.0])
+    rows = read_metrics(tmp_path)
+    assert set(column(rows, "train/maxvio")) == {1, 2}
+    expected = (max_violation(load[0, :4]).item() + max_violation(load[1]).item()) / 2
+    assert column(rows, "val/maxvio")[2] == pytest.approx(expected, rel=1e-5)
+    assert moe_max_violation([torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0, 2.0])]) == pytest.approx(0.25)
+    assert (tmp_path / "expert_load.png").stat().st_size > 0

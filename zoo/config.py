@@ -153,7 +153,7 @@ class TrainerConfig:
     """Passed through to ``lightning.Trainer``."""
 
     accelerator: str = "auto"
-    devices: int | str = 1
+    devices: int | str | list[int] = 1  # a count, -1 (all), "auto", or device indices
     num_nodes: int = 1
     strategy: str = "auto"
     accumulate_grad_batches: int = 1
@@ -177,7 +177,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    precision: str = "bf16-mixed"
+    precision: str | int = "bf16-mixed"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
@@ -213,6 +213,37 @@ class ZooConfig:
     @classmethod
     def from_json(cls, text: str) -> "ZooConfig":
         return cls.from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------- Lightning's values
+
+# What ``lightning.Trainer(precision=...)`` accepts (Lightning 2.x; tests check it against Lightning).
+LIGHTNING_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true", "64-true",
+                        "transformer-engine", "transformer-engine-float16", "bf16", "16", "32", "64", 16, 32, 64)
+# Strategy and accelerator names built into Lightning, accepted without importing it (which takes
+# seconds); any other name is looked up in Lightning's registries, where users may register their own.
+_BUILTIN_STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp", "deepspeed", "single_device")
+_BUILTIN_ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+
+# lightning.Trainer arguments that zoo.training.train() sets itself, with where their value comes
+# from: ``train.trainer.extra`` must not repeat them.
+TRAINER_ARGS_SET_BY_ZOO = {
+    "accelerator": "train.trainer.accelerator", "devices": "train.trainer.devices",
+    "num_nodes": "train.trainer.num_nodes", "strategy": "train.trainer.strategy",
+    "accumulate_grad_batches": "train.trainer.accumulate_grad_batches",
+    "gradient_clip_val": "train.trainer.gradient_clip_val", "precision": "train.precision",
+    "max_steps": "train.max_steps", "val_check_interval": "train.val_check_interval",
+    "log_every_n_steps": "train.log_every", "default_root_dir": "train.out_dir",
+    "check_val_every_n_epoch": "zoo, to validate every train.val_check_interval steps",
+    "num_sanity_val_steps": "zoo, to skip the sanity validation",
+    "logger": "zoo, for metrics.csv and TensorBoard in train.out_dir",
+    "callbacks": "zoo; add yours with zoo.training.train(config, callbacks=[...])",
+    "enable_checkpointing": "zoo, which checkpoints every train.checkpoint_every steps",
+    "use_distributed_sampler": "zoo, whose batch sampler shards ranks and resumes",
+}
+# Keys written under train.trainer that zoo's config holds elsewhere, for the unknown-key message.
+_TRAINER_KEYS_ELSEWHERE = {f"train.trainer.{arg}": where for arg, where in TRAINER_ARGS_SET_BY_ZOO.items()
+                           if where.startswith("train.") and where != f"train.trainer.{arg}"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -351,8 +382,10 @@ def _typed(cls: type, data: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
+            elsewhere = _TRAINER_KEYS_ELSEWHERE.get(_join(path, key))
             close = difflib.get_close_matches(str(key), list(fields), n=3)
-            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            hint = (f"; it is set by {elsewhere}." if elsewhere else
+                    f"; did you mean {' or '.join(close)}?" if close else "")
             raise ConfigError(f"unknown key {_join(path, key)!r}{hint} Valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -479,16 +512,85 @@ def validate(config: ZooConfig) -> None:
         if check is not None:
             _prefixed(path, check, model)
     _prefixed("model.fp8", model.fp8.validate)
-    train = config.train
+    _validate_train(config.train)
+    if config.hub.push and not config.hub.repo_id:
+        raise ConfigError("hub.push=true needs hub.repo_id (the Hub repo to push to, e.g. org/name)")
+
+
+def _validate_train(train: TrainConfig) -> None:
     _prefixed("train", require_positive, train, "batch_size", "max_steps", "val_check_interval",
               "checkpoint_every", "val_batches", "log_every")
-    _prefixed("train.data", require_positive, train.data, "seq_len", "bpe_vocab_size")
-    if not 0.0 < train.data.val_fraction < 1.0:
-        raise ConfigError(f"train.data.val_fraction must be in (0, 1), got {train.data.val_fraction}")
-    _prefixed("train.optimizer", require_positive, train.optimizer, "lr")
+    data = train.data
+    _prefixed("train.data", require_positive, data, "seq_len")
+    if not 0.0 < data.val_fraction < 1.0:
+        raise ConfigError(f"train.data.val_fraction must be in (0, 1), got {data.val_fraction}")
+    if data.tokenizer not in ("bytes", "bpe") and not data.tokenizer.endswith(".json"):
+        raise ConfigError(f"train.data.tokenizer: {data.tokenizer!r} is not allowed; use bytes, bpe, or the "
+                          "path of a tokenizer.json file")
+    if data.bpe_vocab_size <= 257:
+        raise ConfigError(f"train.data.bpe_vocab_size must exceed 257 (the 256 byte symbols and "
+                          f"<|endoftext|>, plus at least one merge), got {data.bpe_vocab_size}")
+    optimizer = train.optimizer
+    _prefixed("train.optimizer", require_positive, optimizer, "lr", "eps")
+    if optimizer.weight_decay < 0:
+        raise ConfigError(f"train.optimizer.weight_decay must be >= 0, got {optimizer.weight_decay}")
+    if not all(0.0 <= beta < 1.0 for beta in optimizer.betas):
+        raise ConfigError(f"train.optimizer.betas: each must be in [0, 1), got {list(optimizer.betas)}")
+    if train.schedule.warmup_steps < 0:
+        raise ConfigError(f"train.schedule.warmup_steps must be >= 0, got {train.schedule.warmup_steps}")
     if not 0.0 <= train.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.schedule.min_lr_ratio must be in [0, 1], got {train.schedule.min_lr_ratio}")
-    _prefixed("train.trainer", require_positive, train.trainer, "accumulate_grad_batches", "num_nodes")
+    if train.precision not in LIGHTNING_PRECISIONS:
+        close = difflib.get_close_matches(str(train.precision), [str(p) for p in LIGHTNING_PRECISIONS], n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose one "
+                          f"of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
+    _validate_trainer(train.trainer)
+
+
+def _validate_trainer(trainer: TrainerConfig) -> None:
+    _prefixed("train.trainer", require_positive, trainer, "accumulate_grad_batches", "num_nodes")
+    if trainer.gradient_clip_val is not None and trainer.gradient_clip_val < 0:
+        raise ConfigError(f"train.trainer.gradient_clip_val must be >= 0 or null (no clipping), "
+                          f"got {trainer.gradient_clip_val}")
+    if not _valid_devices(trainer.devices):
+        raise ConfigError(f"train.trainer.devices: {trainer.devices!r} is not allowed; use a positive device "
+                          "count, -1 (all devices), 'auto', or a list of distinct device indices such as [0, 1]")
+    if trainer.strategy.lower() not in _BUILTIN_STRATEGIES:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        _check_registered("train.trainer.strategy", trainer.strategy.lower(), "strategy",
+                          ["auto", *StrategyRegistry.available_strategies()])
+    if trainer.accelerator not in _BUILTIN_ACCELERATORS:
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        _check_registered("train.trainer.accelerator", trainer.accelerator, "accelerator",
+                          ["auto", "gpu", *AcceleratorRegistry.available_accelerators()])
+    collisions = [key for key in trainer.extra if key in TRAINER_ARGS_SET_BY_ZOO]
+    if collisions:
+        sources = "; ".join(f"{key} is set by {TRAINER_ARGS_SET_BY_ZOO[key]}" for key in collisions)
+        raise ConfigError(f"train.trainer.extra: {', '.join(collisions)} repeat lightning.Trainer arguments that "
+                          f"zoo already passes ({sources}); remove them from extra")
+
+
+def _valid_devices(devices: int | str | list[int]) -> bool:
+    """What ``lightning.Trainer(devices=...)`` accepts: a count > 0, -1, 'auto', or device indices."""
+    if isinstance(devices, int):
+        return devices > 0 or devices == -1
+    if isinstance(devices, list):
+        return bool(devices) and all(d >= 0 for d in devices) and len(set(devices)) == len(devices)
+    text = devices.strip()
+    if text == "auto" or text == "-1" or (text.isdigit() and int(text) > 0):
+        return True
+    indices = [part.strip() for part in text.split(",") if part.strip()]  # "0,1" or "1,"
+    return "," in text and bool(indices) and all(i.isdigit() for i in indices) and len(set(indices)) == len(indices)
+
+
+def _check_registered(path: str, name: str, kind: str, names: list[str]) -> None:
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=2)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"{path}: {name!r} is not a Lightning {kind}{hint}; registered: {', '.join(sorted(names))}")
 
 
 def _prefixed(path: str, check, *args) -> None:

@@ -11,15 +11,52 @@ committed token and the drafts in one forward pass, the longest prefix of drafts
 model's argmax is kept, and the main model's own next token follows it, so the output is plain greedy
 decoding's token for token (in exact arithmetic; a batched verification pass rounds differently from
 one-token steps, which can only matter for near-ties in low precision).
+
+Both run the model in evaluation mode (each module's own mode is restored afterwards): a model fresh
+from ``create_model`` is in training mode, where Switch layers drop tokens over expert capacity (the
+prefill would then not be causal), routers add jitter noise and count expert loads for the next
+loss-free bias update, and MoE layers compute balancing losses.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from zoo.aux import AuxCollector
 
 
+def _in_eval_mode(decode):
+    """Run ``decode(model, ...)`` with every module of ``model`` in eval mode, then restore each one's mode."""
+
+    @functools.wraps(decode)
+    def wrapper(model, *args, **kwargs):
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            return decode(model, *args, **kwargs)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    return wrapper
+
+
+class _DiscardingAux(AuxCollector):
+    """An AuxCollector that keeps nothing: decoding makes many passes and needs no losses or counts."""
+
+    def add_loss(self, name: str, weighted_loss: torch.Tensor) -> None:
+        pass
+
+    def add_router_stats(self, tokens_per_expert: torch.Tensor) -> None:
+        pass
+
+    def add_metric(self, name: str, value: torch.Tensor) -> None:
+        pass
+
+
+@_in_eval_mode
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -27,10 +64,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperatu
     are padded with it until every sequence has (then decoding stops early)."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 0 or temperature < 0:
-        raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    _check_sampling(temperature, top_k, top_p)
     B, T = input_ids.shape
     states = model.init_states(B, T + max_new_tokens)
     logits = model(input_ids, states=states).logits[:, -1]
@@ -50,7 +86,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 64, temperatu
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of ``logits (B, V)``."""
+    """One token per row of ``logits (B, V)``: the argmax at ``temperature=0``, else a draw from the
+    softmax of ``logits / temperature`` restricted to the ``top_k`` largest logits and then to the
+    smallest set of tokens whose probability reaches ``top_p``."""
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -67,6 +106,16 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None (no top-k filtering), got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filtering), got {top_p!r}")
+
+
+@_in_eval_mode
 def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 64,
                          eos_token_id: int | None = None) -> tuple[torch.Tensor, dict]:
     """Greedy decoding of ``input_ids (1, T)`` drafted by ``model.mtp`` and verified by the main model.
@@ -100,7 +149,7 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 6
     capacity = T + max_new_tokens + D + 1
     seq = input_ids.new_zeros(1, capacity)  # committed tokens, then this step's drafts
     seq[:, :T] = input_ids
-    aux = AuxCollector()  # decoding discards aux losses and router counts
+    aux = _DiscardingAux()
     main_states = model.init_states(1, capacity)
     mtp_states = model.init_states(1, capacity, [module.block for module in mtp.layers])
     done = [0] * (D + 1)  # done[k]: positions held in depth k's state (k >= 1)

@@ -152,7 +152,9 @@ class ZooModel(nn.Module):
 
         ``speculative="mtp"``: greedy self-speculative decoding, the MTP modules drafting and the main
         model verifying (:func:`zoo.generation.generate_speculative`; same tokens as plain greedy).
-        ``return_stats=True`` returns ``(ids, stats)`` (acceptance rate, drafted, accepted, passes)."""
+        ``return_stats=True`` returns ``(ids, stats)`` (acceptance rate, drafted, accepted, passes).
+        Decoding runs in eval mode (dropless experts, no load counts for the balancing bias); every
+        module's mode is restored afterwards."""
         from zoo.generation import generate, generate_speculative
 
         if speculative is None:

@@ -59,6 +59,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def moe_max_violation(tokens_per_expert: list[torch.Tensor]) -> float:
+    """MaxVio (DESIGN §4; Wang et al. 2024, Eq. 7) of each MoE layer over its own experts, averaged over
+    the layers; ``tokens_per_expert`` holds one ``(n_experts,)`` count per layer, sizes may differ."""
+    return torch.stack([max_violation(counts) for counts in tokens_per_expert]).mean().item()
+
+
+def _add_counts(total: list[torch.Tensor] | None, counts: list[torch.Tensor]) -> list[torch.Tensor]:
+    counts = [c.float() for c in counts]
+    return counts if total is None else [t + c for t, c in zip(total, counts)]
+
+
+def _all_reduce_counts(counts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-layer counts summed over ranks, in one collective for all layers."""
+    return list(all_reduce_sum(torch.cat(counts)).split([c.numel() for c in counts]))
+
+
+def _load_fractions(counts: list[torch.Tensor]) -> torch.Tensor:
+    """``(layers, max n_experts)`` load fractions; a layer with fewer experts is padded with NaN."""
+    load = torch.full((len(counts), max(c.numel() for c in counts)), float("nan"))
+    for row, c in zip(load, counts):
+        row[:c.numel()] = (c / c.sum()).cpu()
+    return load
+
+
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """The learning-rate multiplier for optimizer step ``step`` (0-based): ``(step + 1) / warmup`` during
     warmup, then a cosine from 1 down to ``min_lr_ratio`` at ``max_steps``."""
@@ -73,9 +97,10 @@ class ZooLightningModule(L.LightningModule):
 
     Logs (at every ``train.log_every`` steps, straight to the loggers with the optimizer step as x):
     ``train/{loss,lm_loss,aux_loss,mtp_loss,lr,tokens_per_sec}``, ``train/<metric>`` for each block metric,
-    ``train/maxvio`` for MoE models (the step's global batch); after each validation ``val/loss`` (LM
-    cross-entropy over the validation windows), ``val/ppl`` and ``val/maxvio`` (loads summed over the
-    validation set). Absent loss components are logged as 0.
+    ``train/maxvio`` for MoE models (the step's global batch; each MoE layer's MaxVio over its own
+    experts, averaged over layers); after each validation ``val/loss`` (LM cross-entropy over the
+    validation windows), ``val/ppl`` and ``val/maxvio`` (loads summed over the validation set).
+    Absent loss components are logged as 0.
     """
 
     def __init__(self, config: ZooConfig, model: nn.Module | None = None):
@@ -83,11 +108,11 @@ class ZooLightningModule(L.LightningModule):
         self.config = config
         self.model = model if model is not None else build_model(config)
         self.val_history: list[tuple[int, float]] = []
-        self.val_expert_load: torch.Tensor | None = None  # (moe layers, experts) fractions, last validation
+        self.val_expert_load: torch.Tensor | None = None  # (moe layers, experts) fractions, NaN-padded
         self.skipped_steps = 0
         self._step_sums: dict[str, torch.Tensor] = {}
         self._step_micro_batches = 0
-        self._step_counts: torch.Tensor | None = None
+        self._step_counts: list[torch.Tensor] | None = None  # per MoE layer: (n_experts,) tokens this step
         self._tokens = 0
         self._busy_seconds = 0.0
         self._clock = time.perf_counter()
@@ -144,8 +169,7 @@ class ZooLightningModule(L.LightningModule):
         self._step_lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
         self._tokens += batch.numel()
         if out.router_stats:
-            counts = torch.stack([c.float() for c in out.router_stats])
-            self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+            self._step_counts = _add_counts(self._step_counts, out.router_stats)
 
     def on_train_start(self) -> None:
         if self._pending_rng is not None:
@@ -181,7 +205,7 @@ class ZooLightningModule(L.LightningModule):
         metrics["train/lr"] = self._step_lr
         metrics["train/tokens_per_sec"] = tokens_per_sec
         if self._step_counts is not None:
-            metrics["train/maxvio"] = max_violation(all_reduce_sum(self._step_counts)).item()
+            metrics["train/maxvio"] = moe_max_violation(_all_reduce_counts(self._step_counts))
         self._log_metrics(metrics, step)
         self.log("loss", means["loss"], prog_bar=True, logger=False)
         self.log("tok/s", tokens_per_sec, prog_bar=True, logger=False)
@@ -201,17 +225,16 @@ class ZooLightningModule(L.LightningModule):
         self._val_sums += torch.stack([out.lm_loss.detach().double() * n_predicted,
                                        torch.tensor(float(n_predicted), dtype=torch.float64, device=self.device)])
         if out.router_stats:
-            counts = torch.stack([c.float() for c in out.router_stats])
-            self._val_counts = counts if self._val_counts is None else self._val_counts + counts
+            self._val_counts = _add_counts(self._val_counts, out.router_stats)
 
     def on_validation_epoch_end(self) -> None:
         sums = all_reduce_sum(self._val_sums)
         val_loss = (sums[0] / sums[1]).item()
         metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 80.0))}
         if self._val_counts is not None:
-            counts = all_reduce_sum(self._val_counts)
-            metrics["val/maxvio"] = max_violation(counts).item()
-            self.val_expert_load = (counts / counts.sum(dim=-1, keepdim=True)).cpu()
+            counts = _all_reduce_counts(self._val_counts)
+            metrics["val/maxvio"] = moe_max_violation(counts)
+            self.val_expert_load = _load_fractions(counts)
         step = self.global_step
         if not self.trainer.sanity_checking:
             self.val_history.append((step, val_loss))
@@ -433,15 +456,8 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
 
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
     control = RunControl(out_dir / "checkpoints", train_cfg.checkpoint_every, train_cfg.max_steps)
-    tc = train_cfg.trainer
-    trainer = L.Trainer(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
-        precision=train_cfg.precision, max_steps=train_cfg.max_steps,
-        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
-        val_check_interval=train_cfg.val_check_interval * tc.accumulate_grad_batches,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=loggers, callbacks=[control, *callbacks],
-        enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=train_cfg.log_every,
-        default_root_dir=out_dir, **tc.extra)
+    trainer = L.Trainer(**trainer_arguments(config, out_dir, loggers, [control, *callbacks]),
+                        **train_cfg.trainer.extra)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
 
     steps = trainer.global_step
@@ -456,7 +472,7 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
     model = module.model.float().cpu().eval()
     model.save_pretrained(out_dir / "final", extra_files={"tokenizer.json": tokenizer.to_json()},
                           training={"steps": steps, "val_loss": val_loss})
-    if config.hub.push and config.hub.repo_id:
+    if config.hub.push:
         from zoo.hub import upload_checkpoint
 
         upload_checkpoint(out_dir / "final", config.hub.repo_id, commit_message=f"zoo training run: step {steps}")
@@ -470,6 +486,20 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
         print(f"final validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}) at step {steps}; "
               f"model in {out_dir / 'final'}")
     return result
+
+
+def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks: list) -> dict:
+    """The ``lightning.Trainer`` arguments zoo sets (``zoo.config.TRAINER_ARGS_SET_BY_ZOO`` says from
+    which keys); ``train.trainer.extra`` adds others."""
+    train_cfg, tc = config.train, config.train.trainer
+    return dict(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        precision=train_cfg.precision, max_steps=train_cfg.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=train_cfg.val_check_interval * tc.accumulate_grad_batches,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=loggers, callbacks=callbacks,
+        enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=train_cfg.log_every,
+        default_root_dir=out_dir)
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -527,19 +557,24 @@ def plot_losses(metrics_csv: Path, path: Path) -> None:
 
 
 def plot_expert_load(load: torch.Tensor, path: Path) -> None:
-    """Heatmap of validation-set load fractions, ``load (moe layers, experts)``."""
+    """Heatmap of validation-set load fractions, ``load (moe layers, experts)``; NaN cells (experts a
+    layer does not have) stay blank."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row[~row.isnan()] for row in load]
+    sizes = {row.numel() for row in rows}
+    uniform = f"{1 / sizes.pop():.3f}" if len(sizes) == 1 else "1/E per layer"
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * load.shape[1] + 2), max(2.5, 0.4 * load.shape[0] + 1.5)))
-    image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis")
+    image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis")  # NaN: drawn transparent
     ax.set_yticks(range(load.shape[0]))
     ax.set_xticks(range(0, load.shape[1], max(1, load.shape[1] // 16)))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer (in model order)")
-    ax.set_title(f"validation load fraction (uniform = {1 / load.shape[1]:.3f}); MaxVio {max_violation(load).item():.3f}")
+    ax.set_title(f"validation load fraction (uniform {uniform}); MaxVio {moe_max_violation(rows):.3f}",
+                 fontsize="medium")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
