@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,9 +86,16 @@ class _SignalAt(Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
+# The Switch router draws jitter noise from the global RNG at every training forward: a resumed run matches
+# only if the RNG states come back with the checkpoint (with them left as seeded, step 6 differs).
+JITTERED_SWITCH = {"model.ffn": {"type": "switch", "n_experts": 4, "d_hidden": 32, "jitter_noise": 0.5,
+                                 "capacity_factor": 1.0}}
+
+
+@pytest.mark.parametrize("model", [{}, JITTERED_SWITCH], ids=["dense", "switch-jitter"])
+def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path, model):
     common = {"train.max_steps": 8, "train.val_check_interval": 3, "train.checkpoint_every": 100,
-              "train.trainer.accumulate_grad_batches": 2, "train.batch_size": 4}
+              "train.trainer.accumulate_grad_batches": 2, "train.batch_size": 4, **model}
     train(tiny_config(tmp_path / "full", **common))
 
     handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup, Python's handler in a shell
@@ -107,6 +115,35 @@ def test_ctrl_c_then_resume_equals_uninterrupted_run(tmp_path):
     a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("full", "split"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_default_out_dir_then_resume_the_latest_run_or_a_checkpoint_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = {**TINY, "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
+    first = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 2}))
+    assert first.out_dir.parent == Path("runs") / "dense-tiny"  # runs/<preset>/<timestamp>
+    assert re.fullmatch(r"\d{8}-\d{6}", first.out_dir.name)
+
+    latest = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 4, "train.resume": True}))
+    assert latest.out_dir == first.out_dir and latest.steps == 4
+    checkpoint = first.out_dir / "checkpoints" / "last.ckpt"
+    by_path = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 6, "train.resume": str(checkpoint)}))
+    assert by_path.out_dir == first.out_dir and by_path.steps == 6
+    assert sorted(column(read_metrics(first.out_dir), "train/loss")) == list(range(1, 7))  # one continuous log
+
+
+def test_bpe_run_sizes_the_model_and_its_tokenizer_json_trains_the_next_run(tmp_path):
+    bpe = {"train.data.tokenizer": "bpe", "train.data.bpe_vocab_size": 300, "train.max_steps": 2,
+           "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
+    first_config = tiny_config(tmp_path / "bpe", **bpe)
+    first = train(first_config)
+    assert first_config.model.vocab_size == 300 and first.module.model.embed.num_embeddings == 300
+    exported = tmp_path / "bpe" / "final" / "tokenizer.json"
+    reused_config = tiny_config(tmp_path / "reused", **{**bpe, "train.data.tokenizer": str(exported)})
+    reused = train(reused_config)
+    assert reused_config.model.vocab_size == 300
+    for name in ("train/loss", "val/loss"):  # the same ids, so the same run
+        assert column(read_metrics(tmp_path / "reused"), name) == column(read_metrics(tmp_path / "bpe"), name)
 
 
 class _NaNLossAt(Callback):
@@ -143,6 +180,16 @@ def test_nonfinite_loss_skipped_when_asked(tmp_path):
     result = train(config, callbacks=[_NaNLossAt(3)])
     assert result.steps == 5 and result.module.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in result.module.model.parameters())
+
+
+def test_skipped_batch_leaves_no_counts_for_the_next_update(tmp_path, counting_ffn):
+    config = tiny_config(tmp_path, **{"model.ffn": {"type": counting_ffn, "n_experts": 4}, "train.max_steps": 4,
+                                      "train.val_check_interval": 4, "train.skip_nonfinite": True})
+    result = train(config, callbacks=[_NaNLossAt(2)])
+    assert result.module.skipped_steps == 1
+    ffn = result.module.model.blocks[0].ffn
+    # Lightning still runs the (empty) optimizer step of a skipped batch: its hook must find nothing counted
+    assert [load.sum().item() for load in ffn.step_loads] == [8 * 32, 0, 8 * 32, 8 * 32]
 
 
 def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
@@ -204,6 +251,26 @@ def test_schedule_groups_and_maxvio():
     assert all(p.ndim >= 2 for p in decay["params"]) and model.embed.weight in no_decay["params"]
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert max_violation(torch.tensor([[1.0, 1.0], [3.0, 1.0]])).item() == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("preset", ["switch-tiny", "retnet-tiny", "deepseek-moe-tiny", "mtp-tiny"])
+def test_weight_decay_groups_follow_modules_not_shapes(preset):
+    model = zoo.create_model(preset, n_layers=2)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def grouped(groups):
+        return [sorted(names[id(p)] for p in g["params"]) for g in groups]
+
+    decay, no_decay = grouped(param_groups(model, 0.1))
+    assert decay and no_decay and len(decay) + len(no_decay) == len(names)
+    for name in no_decay:
+        leaf = name.rsplit(".", 1)[-1]
+        assert "norm" in name or leaf.endswith("bias") or name.startswith("embed"), name
+    assert all("norm" not in n and not n.endswith("bias") and not n.startswith("embed") for n in decay)
+    with torch.no_grad():  # FSDP gives the optimizer flat 1-D parameters: the groups must not change
+        for p in model.parameters():
+            p.data = p.data.flatten()
+    assert grouped(param_groups(model, 0.1)) == [decay, no_decay]
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from zoo import registry
+from zoo.blocks.norm import RMSNorm
 from zoo.blocks.router import max_violation
 from zoo.config import ConfigError, ZooConfig
 from zoo.data import ZooDataModule
@@ -50,12 +52,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on norms, biases (1-D) and embeddings (tied ones once)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # parameters() yields a tied weight once
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    """AdamW groups: decay on weight matrices, none on norms, biases and embeddings (tied ones once).
+
+    Parameters are classified by the module that owns them and their name, never by ``p.ndim``: sharding
+    strategies (FSDP) hand the optimizer flattened 1-D parameters, which would all look like biases.
+    """
+    norms = tuple(registry.lookup("norm", name).block for name in registry.available("norm"))
+    no_decay_modules = (nn.Embedding, nn.LayerNorm, nn.RMSNorm, RMSNorm, *norms)
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            plain = isinstance(module, no_decay_modules) or name == "bias" or name.endswith("_bias") or "norm" in name
+            (no_decay if plain else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -135,14 +146,20 @@ class ZooLightningModule(L.LightningModule):
             optimizer, lambda step: lr_factor(step, sched.warmup_steps, train.max_steps, sched.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def _stepping_modules(self) -> list[nn.Module]:
+        """The modules with an ``on_optimizer_step`` hook (state counted in forward, e.g. MoE loads)."""
+        return [m for m in self.model.modules() if callable(getattr(m, "on_optimizer_step", None))]
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        for module in self.model.modules():
-            hook = getattr(module, "on_optimizer_step", None)
-            if callable(hook):
-                hook(all_reduce_sum)
+        for module in self._stepping_modules():
+            module.on_optimizer_step(all_reduce_sum)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
+        # A skipped batch must leave no trace: the hooked modules' buffers (what their forward counted, e.g.
+        # the router loads that drive loss-free balancing) are put back as they were before it.
+        saved = [(m, {n: b.clone() for n, b in m.named_buffers(recurse=False)}) for m in self._stepping_modules()
+                 ] if self.config.train.skip_nonfinite else []
         out = self.model(batch, labels=batch, return_logits=False)
         finite = torch.isfinite(out.loss.detach()).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -153,6 +170,9 @@ class ZooLightningModule(L.LightningModule):
                 raise FloatingPointError(
                     f"non-finite training loss ({out.loss.item()}) at step {step}; the last good checkpoint "
                     "is kept. Lower train.optimizer.lr, or set train.skip_nonfinite=true to skip such batches")
+            for module, buffers in saved:
+                for name, value in buffers.items():
+                    getattr(module, name).copy_(value)
             self.skipped_steps += 1
             self.print(f"step {step}: non-finite loss ({out.loss.item()}), batch skipped")
             return None

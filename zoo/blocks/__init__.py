@@ -13,6 +13,8 @@ Any module may also define ``on_optimizer_step(all_reduce)``: the trainer calls 
 optimizer step (so after a whole accumulated batch), with ``all_reduce(tensor) -> tensor`` summing a
 tensor over data-parallel ranks (the identity on one process). Blocks update non-gradient state there,
 e.g. the loss-free balancing bias of a MoE layer from the expert loads it counted since the last step.
+Such a module keeps what its forward counts in its own buffers: when ``train.skip_nonfinite`` skips a
+batch, the trainer restores those buffers as they were before that batch's forward.
 """
 
 from zoo.blocks import attention, mla, mlp, moe, norm, retention  # noqa: F401
