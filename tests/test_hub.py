@@ -396,3 +396,19 @@ def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
                                                         overrides={{"hub.repo_id": "org/fp8"}}, **TINY))
     """, hub, tmp_path / "hf")
     assert len(hub.repos["org/swap"].commits) == 6  # creation, 2 user uploads, and one commit per push
+
+
+def test_skeleton_has_the_model_shapes_and_restores_torch_init(monkeypatch):
+    from zoo.factory import build_skeleton
+
+    originals = {name: getattr(torch.nn.init, name) for name in ("normal_", "zeros_", "kaiming_uniform_")}
+    config = zoo.load_config("deepseek-moe-tiny", {"model.n_layers": 2})
+    skeleton = build_skeleton(config)
+    reference = zoo.build_model(config)
+    assert {n: p.shape for n, p in skeleton.state_dict().items()} == {n: p.shape for n, p in reference.state_dict().items()}
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
+    monkeypatch.setattr(zoo.factory, "ZooModel", lambda config: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        build_skeleton(config)
+    assert {name: getattr(torch.nn.init, name) for name in originals} == originals  # restored after a failure too

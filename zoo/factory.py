@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from zoo.config import ZooConfig, list_presets, load_config, parse_overrides
 from zoo.model import ZooModel
 
@@ -17,6 +19,26 @@ def list_models(pattern: str = "*") -> list[str]:
 def build_model(config: ZooConfig) -> ZooModel:
     """An initialised :class:`ZooModel` for a validated config (see :func:`zoo.load_config`)."""
     return ZooModel(config)
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+def build_skeleton(config: ZooConfig) -> ZooModel:
+    """``config``'s model on the meta device, its parameters shapes only, for a checkpoint to fill
+    (``load_state_dict(..., assign=True)``). The ``torch.nn.init`` calls of the blocks are skipped while it
+    is built: on meta tensors they compute nothing, yet their Python decompositions cost more than reading
+    the weights of a 100 M-parameter checkpoint from the page cache."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return ZooModel(config)
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def create_model(name_or_path: str | Path | ZooConfig, pretrained: bool = False,

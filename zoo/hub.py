@@ -304,7 +304,7 @@ def load_model(config: ZooConfig, state_dict: dict[str, torch.Tensor], source: s
     Multi-token prediction (``mtp.*`` tensors): ``drop_mtp=True`` loads without them (and sets
     ``config.model.mtp`` to None); ``mtp_init=True`` lets a checkpoint without them fill a config with
     ``model.mtp``, the MTP modules keeping their fresh initialisation (to train them on a plain model)."""
-    from zoo.factory import build_model
+    from zoo.factory import build_model, build_skeleton
 
     if drop_mtp:
         config.model.mtp = None
@@ -312,8 +312,7 @@ def load_model(config: ZooConfig, state_dict: dict[str, torch.Tensor], source: s
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     grow_mtp = mtp_init and config.model.mtp is not None and not any(k.startswith(_MTP_PREFIX) for k in state_dict)
-    with torch.device("meta"):
-        model = build_model(config)  # no initialisation: every tensor comes from the checkpoint
+    model = build_skeleton(config)  # no initialisation: every tensor comes from the checkpoint
     persistent = set(model.state_dict())
     if grow_mtp or any(name not in persistent for name, _ in model.named_buffers()):
         model = build_model(config)  # fresh MTP modules, or derived buffers the checkpoint does not hold
