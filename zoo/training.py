@@ -118,6 +118,8 @@ class ZooLightningModule(L.LightningModule):
         super().__init__()
         self.config = config
         self.model = model if model is not None else build_model(config)
+        # The modules with an ``on_optimizer_step`` hook (state counted in forward, e.g. MoE loads), found once.
+        self._stepping_modules = [m for m in self.model.modules() if callable(getattr(m, "on_optimizer_step", None))]
         self.val_history: list[tuple[int, float]] = []
         self.val_expert_load: torch.Tensor | None = None  # (moe layers, experts) fractions, NaN-padded
         self.skipped_steps = 0
@@ -146,19 +148,15 @@ class ZooLightningModule(L.LightningModule):
             optimizer, lambda step: lr_factor(step, sched.warmup_steps, train.max_steps, sched.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _stepping_modules(self) -> list[nn.Module]:
-        """The modules with an ``on_optimizer_step`` hook (state counted in forward, e.g. MoE loads)."""
-        return [m for m in self.model.modules() if callable(getattr(m, "on_optimizer_step", None))]
-
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        for module in self._stepping_modules():
+        for module in self._stepping_modules:
             module.on_optimizer_step(all_reduce_sum)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int):
         # A skipped batch must leave no trace: the hooked modules' buffers (what their forward counted, e.g.
         # the router loads that drive loss-free balancing) are put back as they were before it.
-        saved = [(m, {n: b.clone() for n, b in m.named_buffers(recurse=False)}) for m in self._stepping_modules()
+        saved = [(m, {n: b.clone() for n, b in m.named_buffers(recurse=False)}) for m in self._stepping_modules
                  ] if self.config.train.skip_nonfinite else []
         out = self.model(batch, labels=batch, return_logits=False)
         finite = torch.isfinite(out.loss.detach()).float()
