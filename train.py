@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.n_layers=2")
     args = parser.parse_args(argv)
 
-    from zoo.config import ConfigError, load_config
+    from zoo import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.overrides)
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-        from zoo.training import train
+        from zoo.train.run import train
 
         try:
             result = train(config)

@@ -98,11 +98,12 @@ def training_stepper(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch
 
 
 def zoo_training_stepper(model, ids: torch.Tensor, steps: int) -> Callable[[], float]:
-    """:func:`training_stepper` for a zoo model as ``zoo.training`` trains it: its optimizer (AdamW groups,
+    """:func:`training_stepper` for a zoo model as ``zoo.train`` trains it: its optimizer (AdamW groups,
     fused kernel) and its forward (``return_logits=False``: the head fused with the loss)."""
-    from zoo.training import ZooLightningModule
+    from zoo.train.config import OptimizerConfig
+    from zoo.train.module import make_optimizer
 
-    optimizer = ZooLightningModule(model.config, model).configure_optimizers()["optimizer"]
+    optimizer = make_optimizer(model, OptimizerConfig())
     return training_stepper(model, ids, optimizer, steps, return_logits=False)
 
 

@@ -2,7 +2,7 @@
 
 Every reproduction trains its models with ``train_run`` on the same corpus (``python-stdlib``, bytes), with
 the same seed, batch, sequence length, steps, warm-up and validation batches (``budget(quick)``), through
-zoo's own training code (``zoo.training.train``, i.e. exactly what ``python train.py`` does), and reads the
+zoo's own training code (``zoo.train.run.train``, i.e. exactly what ``python train.py`` does), and reads the
 validation curve back from the run's ``metrics.csv``.
 """
 
@@ -43,8 +43,8 @@ def train_run(preset: str, overrides: list[str], budget: dict, out_dir: Path, ev
     Returns ``val_loss`` (the last validation's LM loss, nats/byte), ``val_loss_curve`` ([(step, loss)]),
     ``metrics`` (every metrics.csv column as [(step, value)]), ``parameters`` and ``active_parameters``.
     """
-    from zoo.config import load_config
-    from zoo.training import train
+    from zoo.train.config import load_config
+    from zoo.train.run import train
 
     steps = budget["steps"]
     config = load_config(preset, [

@@ -86,7 +86,7 @@ def decoder(model, batch: int, context: int, steps: int, repeats: int, part: str
     """A timed run of ``steps`` one-token steps through the whole ``model`` or its first layer's mixer."""
     states = states_at(model, batch, context, context + steps * (repeats + 1))
     token = torch.randint(0, VOCAB, (batch, 1))
-    x = torch.randn(batch, 1, model.config.model.d_model)
+    x = torch.randn(batch, 1, model.config.d_model)
     mixer = model.blocks[0].mixer
 
     def run() -> float:

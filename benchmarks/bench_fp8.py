@@ -55,11 +55,12 @@ def linear_runner(module: nn.Module, x: torch.Tensor, iters: int):
 
 def step_runner(model: nn.Module, ids: torch.Tensor, iters: int):
     """A callable timing ``iters`` training steps (fwd + bwd + AdamW) in bf16 autocast (seconds each), as
-    ``zoo.training`` runs them (its optimizer, the loss-only forward)."""
-    from zoo.training import ZooLightningModule
+    ``zoo.train`` runs them (its optimizer, the loss-only forward)."""
+    from zoo.train.config import OptimizerConfig
+    from zoo.train.module import make_optimizer
 
     device = ids.device.type
-    optimizer = ZooLightningModule(model.config, model).configure_optimizers()["optimizer"]
+    optimizer = make_optimizer(model, OptimizerConfig())
 
     def once():
         optimizer.zero_grad(set_to_none=True)
@@ -106,7 +107,7 @@ def bench_preset(device: str, preset: str, batch: int, seq: int, repeats: int, i
     for recipe in ("none", *RECIPES):
         torch.manual_seed(0)
         models[recipe] = zoo.create_model(preset, max_seq_len=seq, fp8={"recipe": recipe}, **overrides).to(device)
-    vocab = models["none"].config.model.vocab_size
+    vocab = models["none"].config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), device=device)
     times = alternate({name: step_runner(m, ids, iters) for name, m in models.items()}, repeats)
     entry = {name: summary(t) for name, t in times.items()}

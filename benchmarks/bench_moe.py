@@ -2,7 +2,7 @@
 
 Hidden 256, 4 layers, 8 heads (4 K/V heads), 8 experts top-2 of intermediate 896, vocab 32000, untied
 embeddings, batch 8 x 256: forward + backward + AdamW step under bf16 autocast on CPU, each library as its
-trainer runs it (zoo: ``zoo.training``'s optimizer and loss-only forward; transformers: its ``Trainer``'s
+trainer runs it (zoo: ``zoo.train``'s optimizer and loss-only forward; transformers: its ``Trainer``'s
 default fused AdamW). transformers runs with its default experts implementation (``grouped_mm``) and its
 ``eager`` per-expert loop. Each
 repeat times ``--steps`` steps per model, models alternating, so machine load hits all alike; tokens/s
@@ -61,7 +61,7 @@ def active_matmul_params(model: torch.nn.Module, s) -> int:
 
 
 def layer_stepper(block, s, steps: int, zoo_block: bool):
-    from zoo.aux import AuxCollector
+    from zoo.blocks.auxiliary import AuxCollector
 
     x = torch.randn(s["batch"], s["seq"], s["d_model"], requires_grad=True)
 

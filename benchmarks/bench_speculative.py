@@ -1,7 +1,7 @@
 """Self-speculative decoding with multi-token prediction (DeepSeek-V3 §2.2, §5.4.3) vs plain greedy decoding.
 
 Trains ``mtp-tiny`` (dense-tiny + one MTP module, loss weight 0.3) and its twin without MTP through
-``zoo.training.train`` on ``python-stdlib`` (bytes tokenizer), same seed, steps and batches; checkpoints
+``zoo.train.run.train`` on ``python-stdlib`` (bytes tokenizer), same seed, steps and batches; checkpoints
 are cached under ``benchmarks/.cache/`` so that reruns skip training. Then, at batch 1 under
 ``torch.inference_mode`` (float32, or ``--dtype bfloat16``): tokens/s of plain greedy ``generate`` vs
 ``generate(..., speculative="mtp")`` (medians over alternating repeats, continuing validation-text prompts;
@@ -31,9 +31,9 @@ import torch
 
 import zoo
 from benchmarks._common import alternate, plot_path, print_table, save, summary, table
-from zoo.aux import AuxCollector
-from zoo.data import ZooDataModule
-from zoo.training import train
+from zoo.blocks.auxiliary import AuxCollector
+from zoo.train.data import ZooDataModule
+from zoo.train.run import train
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "bench_speculative"
 FULL = {"train.batch_size": 16, "train.max_steps": 200, "train.val_check_interval": 25, "train.val_batches": 8}
@@ -53,9 +53,8 @@ def trained(name: str, overrides: dict, retrain: bool) -> tuple[Path, dict[int, 
     stamp = out / "bench_config.json"
     if retrain or not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
         shutil.rmtree(out, ignore_errors=True)
-        config.train.out_dir = str(out)
         start = time.perf_counter()
-        train(config)
+        train(zoo.load_config(config, {"train.out_dir": str(out)}))
         print(f"trained {name} in {time.perf_counter() - start:.0f} s")
         stamp.write_text(json.dumps(wanted))
     with open(out / "metrics.csv", newline="") as f:
@@ -103,7 +102,8 @@ def main() -> None:
     mtp_dir, mtp_curve = trained(f"{tag}-mtp", {**COMMON, **shape}, args.retrain)
     plain_dir, plain_curve = trained(f"{tag}-plain", {**COMMON, **shape, "model.mtp": None}, args.retrain)
     model = zoo.from_pretrained(mtp_dir, dtype=getattr(torch, args.dtype)).eval()
-    inputs = prompts(model.config, n_prompts, prompt_len)
+    run_config = zoo.load_config("mtp-tiny", {**COMMON, **shape})
+    inputs = prompts(run_config, n_prompts, prompt_len)
     torch.set_num_threads(args.threads)
 
     outputs, stats = {}, {"drafted": 0, "accepted": 0, "forward_passes": 0, "rollback_passes": 0, "tokens": 0}
@@ -132,7 +132,7 @@ def main() -> None:
     plain, spec = summary(times["plain"]), summary(times["mtp"])
     identical = all(torch.equal(outputs[None, i], outputs["mtp", i]) for i in range(n_prompts))
     acceptance = stats["accepted"] / stats["drafted"]
-    teacher_forced = agreement(model, model.config, 8, 256 if not args.quick else 64)
+    teacher_forced = agreement(model, run_config, 8, 256 if not args.quick else 64)
     steps = sorted(set(mtp_curve) & set(plain_curve))
     last = steps[-1]
     payload = {

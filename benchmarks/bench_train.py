@@ -5,7 +5,7 @@ Four measurements, interleaved over repeats (medians reported) so that machine l
 * ``step``: forward + backward + clip + AdamW on one batch already in memory (bf16 autocast as the preset);
 * ``data``: fetching batches from the real training ``DataLoader`` (memory-mapped token cache);
 * ``data+step``: the two in one plain loop;
-* ``lightning``: ``zoo.training.train`` itself (its ``train/tokens_per_sec``: Lightning, hooks and logging
+* ``lightning``: ``zoo.train.run.train`` itself (its ``train/tokens_per_sec``: Lightning, hooks and logging
   included, validation, checkpoints and start-up excluded).
 
 Data loading's share of step time is ``data / step`` per batch; it must stay under 5%.
@@ -25,8 +25,9 @@ import torch
 
 import zoo
 from benchmarks._common import alternate, bar_plot, print_table, save, scaled, summary, table
-from zoo.data import ZooDataModule
-from zoo.training import param_groups, train
+from zoo.train.data import ZooDataModule
+from zoo.train.module import param_groups
+from zoo.train.run import train
 
 
 def result_tables(payload: dict) -> dict:

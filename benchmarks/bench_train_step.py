@@ -1,7 +1,7 @@
 """Training-step throughput of zoo's dense decoder vs transformers' LlamaForCausalLM, same shapes.
 
 Forward + backward + AdamW step in bf16 autocast on CPU, each library as its trainer runs it (zoo:
-``zoo.training``'s optimizer and loss-only forward; transformers: its ``Trainer``'s default fused AdamW);
+``zoo.train``'s optimizer and loss-only forward; transformers: its ``Trainer``'s default fused AdamW);
 tokens/s as medians of alternating repeats,
 and each model's fraction of the machine's measured bf16 matmul peak, counting
 ``6 N tokens`` (N: parameters in matmuls, the LM head included) plus attention ``12 L d T`` per token

@@ -62,7 +62,7 @@ def flops_per_token(model, seq: int) -> float:
 
 def compare(variants: dict, batch: int, seq: int, repeats: int, iters: int) -> dict:
     """Seconds per training step of each ``name -> model`` (alternating repeats of ``iters`` steps)."""
-    vocab = next(iter(variants.values())).config.model.vocab_size
+    vocab = next(iter(variants.values())).config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq), device="cuda")
     times = alternate({name: step_runner(m, ids, iters) for name, m in variants.items()}, repeats)
     return {name: summary(t) for name, t in times.items()}

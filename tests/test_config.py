@@ -9,7 +9,7 @@ from torch import nn
 
 import zoo
 from zoo import registry
-from zoo.config import ZooConfig
+from zoo.train.config import ZooConfig
 
 
 @pytest.mark.parametrize("name", zoo.list_models())
@@ -118,7 +118,7 @@ def test_lightning_values_match_lightning():
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from zoo.config import _BUILTIN_ACCELERATORS, _BUILTIN_STRATEGIES, LIGHTNING_PRECISIONS
+    from zoo.train.config import _BUILTIN_ACCELERATORS, _BUILTIN_STRATEGIES, LIGHTNING_PRECISIONS
 
     lightning_precisions = get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_INT) + get_args(
         _PRECISION_INPUT_STR_ALIAS)

@@ -5,8 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from zoo import data as zdata
-from zoo.config import ConfigError, DataConfig
+from zoo.train import data as zdata
+from zoo.errors import ConfigError
+from zoo.train.config import DataConfig
 from zoo.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
 
 

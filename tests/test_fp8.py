@@ -15,8 +15,8 @@ from safetensors import safe_open
 from torch import nn
 
 import zoo
-from zoo.config import DataConfig
-from zoo.data import prepare_tokens
+from zoo.train.config import DataConfig
+from zoo.train.data import prepare_tokens
 from zoo.fp8 import Float8Linear, convert_to_float8, make_recipe
 from zoo.fp8.linear import fp8_matmul
 from zoo.fp8.quant import BLOCK, E4M3, E5M2, ROWWISE, TENSORWISE, TILE, dequantize, fp8_max, quantize, scale_shape

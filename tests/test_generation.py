@@ -1,11 +1,11 @@
-"""Decoding (zoo.generation): eval mode whatever the model's mode, eos stopping, sampling filters."""
+"""Decoding (zoo.model.generation): eval mode whatever the model's mode, eos stopping, sampling filters."""
 
 import pytest
 import torch
 
 import zoo
 from zoo.blocks.router import Router
-from zoo.generation import sample
+from zoo.model.generation import sample
 
 SMALL = {"n_layers": 2, "d_model": 64, "vocab_size": 97, "max_seq_len": 64,
          "mixer": {"n_heads": 4, "n_kv_heads": 2}, "ffn": {"d_hidden": 64}}

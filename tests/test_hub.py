@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.hub import CheckpointError, read_state_dict
+from zoo.checkpoint.files import read_state_dict
+from zoo.errors import CheckpointError
 from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def assert_same_model(a, b):
     assert sa.keys() == sb.keys()
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
-    ids = torch.randint(0, a.config.model.vocab_size, (2, 8))
+    ids = torch.randint(0, a.config.vocab_size, (2, 8))
     assert torch.equal(a(ids).logits, b(ids).logits)
 
 
@@ -72,7 +73,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise KeyboardInterrupt("power cut")
 
     new = tiny_model()
-    monkeypatch.setattr("zoo.hub.model_card", crash)  # fails after the weights are written
+    monkeypatch.setattr("zoo.checkpoint.pretrained.model_card", crash)  # fails after the weights are written
     with pytest.raises(KeyboardInterrupt):
         new.save_pretrained(tmp_path / "ckpt")
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
@@ -320,7 +321,7 @@ def test_push_pull_revisions_and_offline(hub, tmp_path):
                                                    overrides={{"hub.repo_id": "org/tiny"}}, **TINY))
         torch.save(second.state_dict(), r"{tmp_path / 'second.pt'}")
 
-        from zoo.training import train  # train.py pushes its final export when hub.push is set
+        from zoo.train.run import train  # train.py pushes its final export when hub.push is set
         run = train(zoo.load_config("dense-tiny", {{
             **{{f"model.{{k}}": v for k, v in TINY.items()}}, "model.n_layers": 1,
             "train.data": {{"corpus": "pydoc-topics", "tokenizer": "bytes", "seq_len": 16}},
@@ -399,17 +400,17 @@ def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
 
 
 def test_skeleton_has_the_model_shapes_and_restores_torch_init(monkeypatch):
-    from zoo.factory import build_skeleton
+    from zoo.model.build import build_skeleton
 
     originals = {name: getattr(torch.nn.init, name) for name in ("normal_", "zeros_", "kaiming_uniform_")}
     config = zoo.load_config("deepseek-moe-tiny", {"model.n_layers": 2})
-    skeleton = build_skeleton(config)
+    skeleton = build_skeleton(config.model)
     reference = zoo.build_model(config)
     shapes = {n: p.shape for n, p in reference.state_dict().items()}
     assert {n: p.shape for n, p in skeleton.state_dict().items()} == shapes
     assert all(p.is_meta for p in skeleton.parameters())
     assert {name: getattr(torch.nn.init, name) for name in originals} == originals
-    monkeypatch.setattr(zoo.factory, "ZooModel", lambda config: 1 / 0)
+    monkeypatch.setattr(zoo.model.build, "ZooModel", lambda config: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        build_skeleton(config)
+        build_skeleton(config.model)
     assert {name: getattr(torch.nn.init, name) for name in originals} == originals  # restored after a failure too

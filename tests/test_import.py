@@ -13,9 +13,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import zoo  # noqa: E402
-from zoo.aux import AuxCollector  # noqa: E402
-from zoo.convert import supported_model_types  # noqa: E402
-from zoo.hub import CheckpointError  # noqa: E402
+from zoo.blocks.auxiliary import AuxCollector  # noqa: E402
+from zoo.checkpoint.importers import supported_model_types  # noqa: E402
+from zoo.errors import CheckpointError  # noqa: E402
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1,
@@ -76,13 +76,13 @@ def test_import_matches_transformers(name, tmp_path):
     hf.save_pretrained(tmp_path)
     model = assert_parity(hf, tmp_path)
     if name == "llama-tied":
-        assert model.config.model.tie_embeddings and model.head.weight is model.embed.weight
+        assert model.config.tie_embeddings and model.head.weight is model.embed.weight
     if name == "mistral":
-        assert model.config.model.max_seq_len == 64  # full attention equals the window up to its length
+        assert model.config.max_seq_len == 64  # full attention equals the window up to its length
     if name.startswith("deepseek_v3"):
         assert model.blocks[0].mixer.init_state(1, 10, "cpu", torch.float32).latent.shape == (1, 10, 16)
         assert model.blocks[0].mixer.kv_norm.eps == 1e-6  # the latent norms' eps, whatever rms_norm_eps says
-        assert model.config.model.norm.options.eps == hf.config.rms_norm_eps
+        assert model.config.norm.options.eps == hf.config.rms_norm_eps
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
@@ -105,7 +105,7 @@ def test_rope_theta_in_the_older_config_form(tmp_path):
     config.update(rope_theta=500.0, rope_scaling=None)
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = assert_parity(hf, tmp_path, new_tokens=3)
-    assert model.config.model.mixer.options.rope_theta == 500.0
+    assert model.config.mixer.options.rope_theta == 500.0
 
 
 def deepseek_with_mtp(tmp_path, perturb_head_copy: bool = False):
@@ -162,7 +162,7 @@ def reference_mtp_logits(hf, mtp, ids: torch.Tensor) -> torch.Tensor:
 def test_deepseek_mtp_layer_is_imported(tmp_path):
     hf, mtp, path = deepseek_with_mtp(tmp_path)
     model = assert_parity(hf, path, new_tokens=3)  # the main model is unchanged by the MTP layer beside it
-    assert model.config.model.mtp.depth == 1 and model.config.model.mtp.heads == "sequential"
+    assert model.config.mtp.depth == 1 and model.config.mtp.heads == "sequential"
     ids = torch.randint(0, hf.config.vocab_size, (2, 12))
     with torch.no_grad():
         expected = reference_mtp_logits(hf, mtp, ids)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo import losses
-from zoo.losses import linear_cross_entropy, shifted_cross_entropy
+from zoo.model import losses
+from zoo.model.losses import linear_cross_entropy, shifted_cross_entropy
 
 
 def reference(logits: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from zoo.config import ZooConfig
+from zoo.train.config import ZooConfig
 
 SMALL_MODEL = {"d_model": 64, "n_layers": 2, "vocab_size": 97, "max_seq_len": 64}
 MIXER_OPTIONS = {"attention": {"n_heads": 4, "n_kv_heads": 2}}
@@ -37,7 +37,7 @@ CASES += [pytest.param(lambda p=p: preset_config(p), id=f"preset-{p}") for p in 
 
 def build(make_config, dtype=torch.float32):
     model = zoo.build_model(make_config()).to(dtype).eval()
-    return model, model.config.model.vocab_size
+    return model, model.config.vocab_size
 
 
 @pytest.mark.parametrize("make_config", CASES)
@@ -94,7 +94,7 @@ def test_num_parameters_counts_tied_weights_once():
 
 def test_residual_projections_use_depth_scaled_init():
     model = zoo.create_model("dense-tiny", n_layers=8, d_model=256)
-    std = model.config.model.init_std
+    std = model.config.init_std
     out_std = model.blocks[0].mixer.out.weight.std().item()
     qkv_std = model.blocks[0].mixer.qkv.weight.std().item()
     assert abs(qkv_std - std) < 0.1 * std

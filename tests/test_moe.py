@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zoo
-from zoo.aux import AuxCollector
+from zoo.blocks.auxiliary import AuxCollector
 from zoo.blocks.experts import naive_experts, pad_groups, sort_by_expert
 from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
 from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,

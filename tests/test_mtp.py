@@ -1,4 +1,4 @@
-"""Multi-token prediction (zoo.blocks.mtp, DeepSeek-V3 §2.2) and self-speculative decoding.
+"""Multi-token prediction (zoo.model.mtp, DeepSeek-V3 §2.2) and self-speculative decoding.
 
 References are float64: the loss against a hand-written per-position reference (1e-6), speculative greedy
 decoding against plain greedy decoding (token for token), dropping and loading against the main logits.
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import zoo
-from zoo.aux import AuxCollector
-from zoo.config import ConfigError
-from zoo.hub import CheckpointError, from_pretrained, load_model
+from zoo.blocks.auxiliary import AuxCollector
+from zoo.errors import ConfigError
+from zoo.checkpoint.pretrained import from_pretrained, load_model
+from zoo.errors import CheckpointError
 
 VOCAB = 13
 MIXERS = {"attention": {"type": "attention", "n_heads": 4, "n_kv_heads": 2},
@@ -148,7 +149,7 @@ def test_moe_mtp_block_reports_aux_losses_and_router_counts():
 
 
 def test_training_logs_mtp_loss_and_updates_mtp_router_bias(tmp_path, monkeypatch):
-    from zoo.training import train
+    from zoo.train.run import train
 
     monkeypatch.setenv("ZOO_CACHE", str(tmp_path / "cache"))
     cfg = config(depth=1, ffn=MOE, **{
@@ -263,7 +264,7 @@ def test_drop_mtp_keeps_main_logits():
     model = model64(config(depth=2))
     ids = torch.randint(0, VOCAB, (2, 9))
     before = model(ids).logits
-    assert model.drop_mtp() is model and model.mtp is None and model.config.model.mtp is None
+    assert model.drop_mtp() is model and model.mtp is None and model.config.mtp is None
     assert not any(name.startswith("mtp.") for name in model.state_dict())
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     assert model(ids, labels=ids).mtp_loss is None
@@ -276,18 +277,18 @@ def test_checkpoint_with_mtp_loads_without_it_and_vice_versa(tmp_path):
     assert "| mtp | depth=2, heads=sequential" in (tmp_path / "mtp" / "README.md").read_text()
     assert from_pretrained(tmp_path / "mtp").mtp is not None
     plain = from_pretrained(tmp_path / "mtp", drop_mtp=True)
-    assert plain.mtp is None and plain.config.model.mtp is None
+    assert plain.mtp is None and plain.config.mtp is None
     torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=0)
 
     with pytest.raises(CheckpointError, match=r"drop_mtp=True") as err:  # MTP weights, plain config
-        load_model(config(depth=None), model.state_dict(), "ckpt")
+        load_model(config(depth=None).model, model.state_dict(), "ckpt")
     assert "mtp.layers.0.proj.weight" in str(err.value)
 
     plain.save_pretrained(tmp_path / "plain")
     with pytest.raises(CheckpointError, match=r"model\.mtp") as err:  # plain weights, MTP config
-        load_model(config(depth=1), plain.state_dict(), "ckpt")
+        load_model(config(depth=1).model, plain.state_dict(), "ckpt")
     assert "mtp.layers.0.proj.weight" in str(err.value) and "mtp_init=True" in str(err.value)
-    grown = load_model(config(depth=1), plain.state_dict(), "ckpt", mtp_init=True).double()
+    grown = load_model(config(depth=1).model, plain.state_dict(), "ckpt", mtp_init=True).double()
     torch.testing.assert_close(grown(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert grown(ids, labels=ids).mtp_loss is not None
 

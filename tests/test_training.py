@@ -16,9 +16,12 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 import zoo
-from zoo.config import ConfigError
+from zoo.errors import ConfigError
 from zoo.tokenizer import HFTokenizer
-from zoo.training import lr_factor, max_violation, moe_max_violation, param_groups, train
+from zoo.blocks.router import max_violation
+from zoo.train.metrics import moe_max_violation
+from zoo.train.module import lr_factor, param_groups
+from zoo.train.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -54,8 +57,10 @@ def column(rows, name) -> dict[int, float]:
 def test_tiny_run_logs_learns_and_exports(tmp_path):
     config = tiny_config(tmp_path, **{"train.max_steps": 30, "train.val_check_interval": 10,
                                       "train.checkpoint_every": 10, "model.d_model": 64})
+    before = config.to_dict()
     result = train(config)
-    assert config.model.vocab_size == 257  # followed the bytes tokenizer
+    assert result.config.model.vocab_size == 257  # followed the bytes tokenizer
+    assert config.to_dict() == before  # the caller's config is unchanged
     rows = read_metrics(tmp_path)
     for name in ("train/loss", "train/lm_loss", "train/aux_loss", "train/mtp_loss", "train/lr",
                  "train/tokens_per_sec", "val/loss", "val/ppl"):
@@ -137,11 +142,12 @@ def test_bpe_run_sizes_the_model_and_its_tokenizer_json_trains_the_next_run(tmp_
            "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
     first_config = tiny_config(tmp_path / "bpe", **bpe)
     first = train(first_config)
-    assert first_config.model.vocab_size == 300 and first.module.model.embed.num_embeddings == 300
+    assert first.config.model.vocab_size == 300 and first.module.model.embed.num_embeddings == 300
+    assert first_config.model.vocab_size is None
     exported = tmp_path / "bpe" / "final" / "tokenizer.json"
     reused_config = tiny_config(tmp_path / "reused", **{**bpe, "train.data.tokenizer": str(exported)})
     reused = train(reused_config)
-    assert reused_config.model.vocab_size == 300
+    assert reused.config.model.vocab_size == 300
     for name in ("train/loss", "val/loss"):  # the same ids, so the same run
         assert column(read_metrics(tmp_path / "reused"), name) == column(read_metrics(tmp_path / "bpe"), name)
 

@@ -1,14 +1,16 @@
-"""Building models by preset name, path or config."""
+"""Models by preset name, config path or config: the user's entry points above every layer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
-
-from zoo.config import ZooConfig, list_presets, load_config, parse_overrides
-from zoo.model import ZooModel
+from zoo.checkpoint.hub import HUB_PREFIX
+from zoo.checkpoint.pretrained import load_hub_model, load_pretrained
+from zoo.model import ModelConfig, ZooModel
+from zoo.model import build_model as build_from_model_config
+from zoo.train.config import ZooConfig, list_presets, load_config
+from zoo.schema import parse_overrides
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -16,29 +18,10 @@ def list_models(pattern: str = "*") -> list[str]:
     return list_presets(pattern)
 
 
-def build_model(config: ZooConfig) -> ZooModel:
-    """An initialised :class:`ZooModel` for a validated config (see :func:`zoo.load_config`)."""
-    return ZooModel(config)
-
-
-_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "zeros_", "ones_", "constant_", "kaiming_uniform_",
-                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
-
-
-def build_skeleton(config: ZooConfig) -> ZooModel:
-    """``config``'s model on the meta device, its parameters shapes only, for a checkpoint to fill
-    (``load_state_dict(..., assign=True)``). The ``torch.nn.init`` calls of the blocks are skipped while it
-    is built: on meta tensors they compute nothing, yet their Python decompositions cost more than reading
-    the weights of a 100 M-parameter checkpoint from the page cache."""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        with torch.device("meta"):
-            return ZooModel(config)
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.nn.init, name, fn)
+def build_model(config: ZooConfig | ModelConfig) -> ZooModel:
+    """An initialised :class:`ZooModel` for a validated run config (its ``model`` section is used) or model
+    config (see :func:`zoo.load_config`)."""
+    return build_from_model_config(config.model if isinstance(config, ZooConfig) else config)
 
 
 def create_model(name_or_path: str | Path | ZooConfig, pretrained: bool = False,
@@ -53,15 +36,16 @@ def create_model(name_or_path: str | Path | ZooConfig, pretrained: bool = False,
     """
     merged = dict(parse_overrides(overrides))
     merged.update({f"model.{key}": value for key, value in model_fields.items()})
-    if isinstance(name_or_path, str) and name_or_path.startswith("hf-hub:"):
-        from zoo.hub import load_hub_model
-
-        return load_hub_model(name_or_path, merged, revision=revision, token=token, drop_mtp=drop_mtp)
+    if isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX):
+        # A checkpoint holds the model section only: train.* / hub.* overrides are checked, then unused.
+        model_overrides = {key: value for key, value in merged.items() if key.split(".")[0] == "model"}
+        load_config({}, {key: value for key, value in merged.items() if key not in model_overrides})
+        return load_hub_model(name_or_path, model_overrides, revision=revision, token=token, drop_mtp=drop_mtp)
     config = load_config(name_or_path, merged)
     if pretrained:
-        from zoo.hub import load_pretrained_for
-
-        return load_pretrained_for(config, revision, token=token, drop_mtp=drop_mtp)
+        if config.hub.repo_id is None:
+            raise ValueError(f"preset {config.name!r} has no hub.repo_id, so it has no pretrained weights")
+        return load_pretrained(config.hub.repo_id, config.model, revision, token=token, drop_mtp=drop_mtp)
     if revision is not None or token is not None or drop_mtp:
         raise ValueError("revision, token and drop_mtp apply to downloaded weights: pass pretrained=True "
                          "or an 'hf-hub:' name")

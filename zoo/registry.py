@@ -1,4 +1,8 @@
-"""The block registry: ``kind -> name -> (module class, config dataclass)``.
+"""The registry: ``kind -> name -> (class, config dataclass)``.
+
+It never imports what it registers: the package face (``zoo/__init__.py``) imports the built-in blocks,
+dispatchers, converters and objectives, which register themselves, so everything is registered once
+``import zoo`` has run.
 
 A block is an ``nn.Module`` built as ``Block(config, ctx)``, where ``config`` is an instance of the
 dataclass registered with it (the YAML section minus its ``type`` key) and ``ctx`` is a
@@ -20,7 +24,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-KINDS = ("mixer", "ffn", "norm")
+# The seams of zoo, one registry kind each: blocks of the decoder (mixer, ffn, norm), how the MoE layers
+# move tokens to their experts (dispatcher), transformations of a built model (converter), and what a
+# training step optimises (objective). Registering under another kind makes a new one.
+KINDS = ("mixer", "ffn", "norm", "dispatcher", "converter", "objective")
 
 
 @dataclass(frozen=True)
@@ -81,14 +88,12 @@ def unregister(kind: str, name: str) -> None:
 
 def available(kind: str) -> list[str]:
     """Sorted names registered for ``kind``."""
-    _import_builtin_blocks()
     if kind not in _REGISTRY:
         raise ValueError(f"unknown block kind {kind!r}; known kinds: {', '.join(sorted(_REGISTRY))}")
     return sorted(_REGISTRY[kind])
 
 
 def lookup(kind: str, name: str) -> Entry | None:
-    _import_builtin_blocks()
     return _REGISTRY.get(kind, {}).get(name)
 
 
@@ -98,7 +103,3 @@ def build(kind: str, name: str, config: Any, ctx: BlockContext):
         raise KeyError(f"no {kind} block named {name!r}; registered: {available(kind)}")
     return entry.block(config, ctx)
 
-
-def _import_builtin_blocks() -> None:
-    # Importing the package registers the built-in blocks; done lazily so registry.py has no cycle.
-    import zoo.blocks  # noqa: F401

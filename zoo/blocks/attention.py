@@ -22,7 +22,7 @@ from torch import nn
 
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding
-from zoo.config import ConfigError, require_positive
+from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
 Backend = Literal["auto", "sdpa", "eager", "xformers"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.config import require_positive
+from zoo.errors import require_positive
 from zoo.registry import BlockContext, register
 
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from zoo.aux import AuxCollector
+from zoo.blocks.auxiliary import AuxCollector
 from zoo.blocks.experts import Dispatch, Experts, sort_by_expert
 from zoo.blocks.mlp import SwiGLU
 from zoo.blocks.router import (Router, ScoreFunc, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
-from zoo.config import ConfigError, require_positive
+from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.config import ConfigError
+from zoo.errors import ConfigError
 from zoo.registry import BlockContext, register
 
 

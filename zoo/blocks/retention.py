@@ -35,7 +35,7 @@ from torch import nn
 
 from zoo.blocks.retention_ops import chunkwise_retention, parallel_retention, recurrent_retention, state_dtype
 from zoo.blocks.rope import RotaryEmbedding
-from zoo.config import ConfigError, require_positive
+from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
 # Longest sequence for which ``mode: auto`` uses the parallel form. Measured with

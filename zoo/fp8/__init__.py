@@ -6,9 +6,9 @@
 * :mod:`zoo.fp8.checkpoint`: DeepSeek-V3-layout fp8 weights (``weight`` + ``weight_scale_inv``).
 """
 
-from zoo.fp8.convert import DEFAULT_SKIP, convert_to_float8, skip_patterns_filter
+from zoo.fp8.convert import DEFAULT_SKIP, FP8Config, Float8Converter, convert_to_float8, skip_patterns_filter
 from zoo.fp8.linear import RECIPES, Float8Linear, Recipe, make_recipe
 from zoo.fp8.quant import dequantize, quantize
 
-__all__ = ["DEFAULT_SKIP", "RECIPES", "Float8Linear", "Recipe", "convert_to_float8", "dequantize", "make_recipe",
+__all__ = ["DEFAULT_SKIP", "FP8Config", "Float8Converter", "RECIPES", "Float8Linear", "Recipe", "convert_to_float8", "dequantize", "make_recipe",
            "quantize", "skip_patterns_filter"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zoo.blocks.experts import Experts
 from zoo.fp8.convert import DEFAULT_SKIP, skip_patterns_filter
 from zoo.fp8.quant import BLOCK, E4M3, dequantize, quantize
 
@@ -24,12 +25,11 @@ QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme"
 SCALE_SUFFIX = "_scale_inv"
 
 
-def quantized_weight_names(model: nn.Module) -> list[str]:
+def quantized_weight_names(model: nn.Module, skip: tuple[str, ...] = ()) -> list[str]:
     """State-dict names of the weights an fp8 checkpoint of ``model`` stores in e4m3: linear weights
-    and packed expert tensors (``gate_up_proj``, ``down_proj``; one block grid per expert)."""
-    from zoo.blocks.experts import Experts
-
-    accept = skip_patterns_filter((*DEFAULT_SKIP, *model.config.model.fp8.skip))
+    and packed expert tensors (``gate_up_proj``, ``down_proj``; one block grid per expert), those whose
+    names match ``DEFAULT_SKIP`` or ``skip`` (``model.fp8.skip``) excepted."""
+    accept = skip_patterns_filter((*DEFAULT_SKIP, *skip))
     names = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and accept(name, module):

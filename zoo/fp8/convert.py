@@ -13,11 +13,16 @@ recipe's granularity (16; 128 for blockwise).
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
 
 from torch import nn
 
+from zoo.blocks.experts import Experts
+from zoo.errors import ConfigError
+from zoo.fp8.experts import Float8Experts
 from zoo.fp8.linear import Backend, Float8Linear, Recipe, make_recipe
+from zoo.registry import register
 
 ModuleFilter = Callable[[str, nn.Module], bool]
 
@@ -56,9 +61,6 @@ def convert_to_float8(model: nn.Module, recipe: str, weight_grad_high_precision:
 
 def _float8_version(module: nn.Module, recipe: Recipe, backend: Backend) -> nn.Module | None:
     """The FP8 module replacing ``module``, or None if it is not a linear / packed experts fitting the recipe."""
-    from zoo.blocks.experts import Experts  # lazily: zoo.model imports this module while blocks register
-    from zoo.fp8.experts import Float8Experts
-
     if type(module) is nn.Linear and fits_granularity(module, recipe.granularity):
         return Float8Linear.from_linear(module, recipe, backend)
     dims = (module.gate_up_proj.shape[2], module.d_hidden) if type(module) is Experts else ()
@@ -67,8 +69,34 @@ def _float8_version(module: nn.Module, recipe: Recipe, backend: Backend) -> nn.M
     return None
 
 
-def apply_fp8(model: nn.Module, config) -> list[str]:
-    """Apply a ``model.fp8`` config section (:class:`zoo.config.FP8Config`); a no-op for recipe ``none``."""
-    if config.recipe == "none":
-        return []
-    return convert_to_float8(model, config.recipe, config.weight_grad_high_precision, config.backend, config.skip)
+@dataclass
+class FP8Config:
+    """``model.fp8``: FP8 GEMMs for the eligible linear layers; off by default."""
+
+    recipe: Literal["none", "tensorwise", "rowwise", "blockwise"] = "none"
+    backend: Literal["auto", "emulate", "scaled_mm"] = "auto"  # auto: _scaled_mm on fp8 GPUs, else emulate
+    weight_grad_high_precision: bool = False  # weight-gradient GEMM in float32 (torchao rowwise_with_gw_hp)
+    skip: list[str] = field(default_factory=list)  # extra fnmatch patterns of linears kept in high precision
+
+    def validate(self) -> None:
+        if self.backend == "scaled_mm" and self.recipe == "blockwise":
+            raise ConfigError("backend 'scaled_mm' takes tensorwise or rowwise scales; recipe 'blockwise' is "
+                              "emulated per tile (use backend auto or emulate)")
+        for pattern in self.skip:
+            if not pattern:
+                raise ConfigError(f"skip: patterns must be non-empty module-name globs, got {self.skip!r}")
+
+
+@register("converter", "fp8", config=FP8Config)
+class Float8Converter:
+    """The model converter for ``model.fp8``: :func:`convert_to_float8` with the section's options; a
+    no-op for recipe ``none``."""
+
+    def __init__(self, config: FP8Config):
+        self.config = config
+
+    def convert(self, model: nn.Module) -> nn.Module:
+        config = self.config
+        if config.recipe != "none":
+            convert_to_float8(model, config.recipe, config.weight_grad_high_precision, config.backend, config.skip)
+        return model

@@ -8,7 +8,7 @@ Mistral's sliding window equals full attention up to the window length, so the i
 
 from __future__ import annotations
 
-from zoo.convert.common import (HFConfig, Tensors, attention_options, check_dense_options, decoder_config,
+from zoo.checkpoint.importers.common import (HFConfig, Tensors, attention_options, check_dense_options, decoder_config,
                                 embeddings_and_head, gqa_attention, layer_norms, swiglu)
 
 

@@ -16,7 +16,7 @@ Embedding and output head are the main model's own (shared, not copied).
 norm, as in DeepSeek-V3's released inference code and torchtitan (transformers feeds the normalised one).
 Reasons: module 1 normalises ``h^0`` with its own RMSNorm anyway, so the final norm's gain would only be
 undone; the main model's final norm then serves the main head alone, exactly as without MTP; and the
-pre-norm state is what :meth:`zoo.model.ZooModel.hidden_states` returns during decoding, where the
+pre-norm state is what :meth:`zoo.model.decoder.ZooModel.hidden_states` returns during decoding, where the
 modules draft tokens.
 
 **Parallel** (Gloeckle et al. 2024, arXiv 2404.19737 §2): ``D`` independent heads on the shared trunk;
@@ -24,7 +24,7 @@ head ``k`` runs one Transformer block on ``h^0`` (no token embedding, no project
 the shared unembedding, and predicts ``t_{i+k+1}``. (Gloeckle et al. count the next-token head among
 their ``n``; here it is the main model's head, so ``n = D + 1``.)
 
-Each module's block is a :class:`zoo.model.Block` with the registry's mixer and FFN (the model's own by
+Each module's block is a :class:`zoo.model.block.Block` with the registry's mixer and FFN (the model's own by
 default), so MoE FFNs report their aux losses and router counts, and their balancing hooks run.
 """
 
@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from zoo import registry
-from zoo.aux import AuxCollector
-from zoo.config import MTPConfig, ZooConfig
+from zoo.blocks.auxiliary import AuxCollector
+from zoo.model.block import Block
+from zoo.model.config import ModelConfig, MTPConfig
 from zoo.registry import BlockContext
 
 
@@ -48,11 +49,9 @@ class MTPModule(nn.Module):
     block output *before* the final ``norm``; the caller applies ``norm`` and the shared head.
     """
 
-    def __init__(self, config: ZooConfig, ctx: BlockContext, sequential: bool):
-        from zoo.model import Block
-
+    def __init__(self, config: ModelConfig, ctx: BlockContext, sequential: bool):
         super().__init__()
-        model, mtp = config.model, config.model.mtp
+        model, mtp = config, config.mtp
         norm = model.norm
         if sequential:
             self.embed_norm = registry.build("norm", norm.type, norm.options, ctx)
@@ -77,15 +76,13 @@ class MultiTokenPrediction(nn.Module):
     ``modules[k - 1]`` is depth ``k``: its output at position ``i`` is scored against token ``i + k + 1``.
     """
 
-    def __init__(self, config: ZooConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        model, mtp = config.model, config.model.mtp
+        mtp = config.mtp
         self.config: MTPConfig = mtp
         self.sequential = mtp.heads == "sequential"
-        self.layers = nn.ModuleList(
-            MTPModule(config, BlockContext(model.d_model, model.n_layers, model.n_layers + k, model.max_seq_len,
-                                           model.init_std), self.sequential)
-            for k in range(mtp.depth))
+        self.layers = nn.ModuleList(MTPModule(config, config.context(config.n_layers + k), self.sequential)
+                                    for k in range(mtp.depth))
 
     @property
     def depth(self) -> int:
@@ -103,7 +100,7 @@ class MultiTokenPrediction(nn.Module):
         """``(lambda / D * sum_k CE_k, [CE_1, ..., CE_D])`` from the main model's pre-norm hidden states
         ``h (B, T, d)``; depth ``k`` runs over positions ``0 .. T-k-1`` and is scored on ``labels[i+k+1]``
         (``-100`` ignored) by the shared head, ``head_loss(hidden, labels, shift)`` (the model's
-        :meth:`~zoo.model.ZooModel.head_loss`). Depths with no position left to score (``T <= k + 1``)
+        :meth:`~zoo.model.decoder.ZooModel.head_loss`). Depths with no position left to score (``T <= k + 1``)
         contribute 0."""
         T = input_ids.shape[1]
         ces, h_prev = [], h

@@ -25,9 +25,9 @@ import warnings
 
 import torch
 
-from zoo.convert.common import (HFConfig, Tensors, check_dense_options, decoder_config, embeddings_and_head,
+from zoo.checkpoint.importers.common import (HFConfig, Tensors, check_dense_options, decoder_config, embeddings_and_head,
                                 experts, rope_theta, swiglu)
-from zoo.hub import CheckpointError
+from zoo.errors import CheckpointError
 
 # The eps of the MLA latent norms (q_a_layernorm, kv_a_layernorm): transformers' DeepseekV3Attention builds
 # them with DeepseekV3RMSNorm's default 1e-6, not rms_norm_eps (which only the decoder-layer norms use).

@@ -24,7 +24,7 @@ import functools
 
 import torch
 
-from zoo.aux import AuxCollector
+from zoo.blocks.auxiliary import AuxCollector
 
 
 def _in_eval_mode(decode):

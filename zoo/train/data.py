@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from zoo.config import ConfigError, DataConfig
+from zoo.errors import ConfigError
+from zoo.train.config import DataConfig
 from zoo.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
 
 EMBEDDED_CORPORA = ("python-stdlib", "pydoc-topics")

@@ -2,8 +2,11 @@
 
 ``embed -> n_layers x Block(norm, mixer, norm, ffn) -> norm -> head`` with pre-norm residual blocks
 (GPT-2, Radford et al. 2019 §2.3). Mixer and FFN of each layer come from the registry by name.
-With ``model.mtp`` set, multi-token prediction modules (:mod:`zoo.blocks.mtp`, DeepSeek-V3 §2.2) read
+With ``model.mtp`` set, multi-token prediction modules (:mod:`zoo.model.mtp`, DeepSeek-V3 §2.2) read
 the last hidden state before the final norm and add ``mtp_loss`` when labels are given.
+
+The model is built from its :class:`~zoo.model.config.ModelConfig` alone. Constructing it allocates the
+parameters; :func:`zoo.model.build.build_model` then initialises them and applies the converters.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import torch
 from torch import nn
 
 from zoo import registry
-from zoo.aux import AuxCollector
-from zoo.blocks.mtp import MultiTokenPrediction
-from zoo.config import ConfigError, ZooConfig
-from zoo.fp8.convert import apply_fp8
-from zoo.losses import linear_cross_entropy, shifted_cross_entropy
+from zoo.blocks.auxiliary import AuxCollector
+from zoo.errors import ConfigError
+from zoo.model.block import Block
+from zoo.model.config import ModelConfig
+from zoo.model.generation import generate, generate_speculative
+from zoo.model.losses import linear_cross_entropy, shifted_cross_entropy
+from zoo.model.mtp import MultiTokenPrediction
 from zoo.registry import BlockContext
 
 
@@ -37,28 +42,8 @@ class ZooOutput:
     # and mtp_ce_{k}: the cross-entropy of MTP depth k (DeepSeek-V3 Eq. 24)
 
 
-class Block(nn.Module):
-    """One pre-norm decoder layer: ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``.
-
-    ``mixer`` / ``ffn`` specs default to layer ``ctx.layer_idx``'s (MTP modules pass their own)."""
-
-    def __init__(self, config: ZooConfig, ctx: BlockContext, mixer=None, ffn=None):
-        super().__init__()
-        model = config.model
-        default_mixer, default_ffn = model.layer_blocks(ctx.layer_idx)
-        mixer, ffn = mixer or default_mixer, ffn or default_ffn
-        self.mixer_norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
-        self.mixer = registry.build("mixer", mixer.type, mixer.options, ctx)
-        self.ffn_norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
-        self.ffn = registry.build("ffn", ffn.type, ffn.options, ctx)
-
-    def forward(self, x: torch.Tensor, aux: AuxCollector, state=None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), state)
-        return x + self.ffn(self.ffn_norm(x), aux)
-
-
 class ZooModel(nn.Module):
-    """A decoder-only language model assembled from a :class:`ZooConfig`.
+    """A decoder-only language model assembled from a :class:`~zoo.model.config.ModelConfig`.
 
     ``forward(input_ids (B, T), labels (B, T) | None) -> ZooOutput``. Labels are aligned with the
     inputs (the model shifts them: position t is scored on ``labels[t + 1]``); ``-100`` is ignored.
@@ -66,26 +51,21 @@ class ZooModel(nn.Module):
     when labels are given (training, validation) or when :meth:`generate` drafts with them.
     """
 
-    def __init__(self, config: ZooConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        model = config.model
-        if model.vocab_size is None:
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"ZooModel is built from a ModelConfig (a config's model section), got "
+                            f"{type(config).__name__}; zoo.build_model takes a whole run config too")
+        if config.vocab_size is None:
             raise ConfigError("model.vocab_size is unset: set it, or let train.py take it from the tokenizer")
         self.config = config
-        self.embed = nn.Embedding(model.vocab_size, model.d_model)
-        self.blocks = nn.ModuleList(
-            Block(config, BlockContext(model.d_model, model.n_layers, i, model.max_seq_len, model.init_std))
-            for i in range(model.n_layers))
-        ctx = BlockContext(model.d_model, model.n_layers, model.n_layers, model.max_seq_len, model.init_std)
-        self.norm = registry.build("norm", model.norm.type, model.norm.options, ctx)
-        self.head = nn.Linear(model.d_model, model.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=model.init_std)
-        if model.tie_embeddings:
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, config.context(i)) for i in range(config.n_layers))
+        self.norm = registry.build("norm", config.norm.type, config.norm.options, config.context(config.n_layers))
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        else:
-            nn.init.normal_(self.head.weight, std=model.init_std)
-        self.mtp = MultiTokenPrediction(config) if model.mtp is not None else None
-        apply_fp8(self, model.fp8)  # FP8 is a transformation of the built model (zoo.fp8)
+        self.mtp = MultiTokenPrediction(config) if config.mtp is not None else None
 
     def hidden_states(self, input_ids: torch.Tensor, aux: AuxCollector, states=None) -> torch.Tensor:
         """The final-norm input ``(B, T, d_model)``; ``states`` is a list of per-layer decoding states."""
@@ -97,7 +77,7 @@ class ZooModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, states=None,
                 return_logits: bool = True) -> ZooOutput:
         """``return_logits=False`` (with labels; what training runs) leaves ``logits`` None and scores the
-        head through :func:`zoo.losses.linear_cross_entropy`, which never holds the whole logits."""
+        head through :func:`zoo.model.losses.linear_cross_entropy`, which never holds the whole logits."""
         if labels is None and not return_logits:
             raise ValueError("return_logits=False needs labels: without them the logits are the only output")
         aux = AuxCollector()
@@ -127,10 +107,10 @@ class ZooModel(nn.Module):
 
     def drop_mtp(self) -> "ZooModel":
         """Remove the multi-token prediction modules (DeepSeek-V3 §2.2: "directly discard the MTP modules"
-        at inference) and set ``config.model.mtp`` to None, so the model saves and serves as a plain one.
-        The main logits are unchanged. Returns ``self``."""
+        at inference); the model's config becomes a copy without ``mtp``, so it saves and serves as a plain
+        model. The main logits are unchanged. Returns ``self``."""
         self.mtp = None
-        self.config.model.mtp = None
+        self.config = self.config.without_mtp()
         return self
 
     def init_states(self, batch_size: int, max_len: int, blocks=None) -> list:
@@ -148,15 +128,13 @@ class ZooModel(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, speculative: str | None = None,
                  return_stats: bool = False):
-        """Continue ``input_ids (B, T)`` by up to ``max_new_tokens``; see :func:`zoo.generation.generate`.
+        """Continue ``input_ids (B, T)`` by up to ``max_new_tokens``; see :func:`zoo.model.generation.generate`.
 
         ``speculative="mtp"``: greedy self-speculative decoding, the MTP modules drafting and the main
-        model verifying (:func:`zoo.generation.generate_speculative`; same tokens as plain greedy).
+        model verifying (:func:`zoo.model.generation.generate_speculative`; same tokens as plain greedy).
         ``return_stats=True`` returns ``(ids, stats)`` (acceptance rate, drafted, accepted, passes).
         Decoding runs in eval mode (dropless experts, no load counts for the balancing bias); every
         module's mode is restored afterwards."""
-        from zoo.generation import generate, generate_speculative
-
         if speculative is None:
             ids = generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
             stats = {"forward_passes": ids.shape[1] - input_ids.shape[1]}
@@ -169,15 +147,18 @@ class ZooModel(nn.Module):
             raise ValueError(f"speculative={speculative!r}; choose None (plain decoding) or 'mtp'")
         return (ids, stats) if return_stats else ids
 
+    # The checkpoint layer sits above the model (it builds models to load them): these two conveniences of
+    # the public API reach up to it when called.
     def save_pretrained(self, path, **kwargs):
-        """Write a checkpoint directory (``config.json`` + safetensors); see :func:`zoo.hub.save_pretrained`."""
-        from zoo.hub import save_pretrained
+        """Write a checkpoint directory (``config.json`` + safetensors); see
+        :func:`zoo.checkpoint.pretrained.save_pretrained`."""
+        from zoo.checkpoint.pretrained import save_pretrained
 
         return save_pretrained(self, path, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload a checkpoint to the Hugging Face Hub; see :func:`zoo.hub.push_to_hub`."""
-        from zoo.hub import push_to_hub
+        """Upload a checkpoint to the Hugging Face Hub; see :func:`zoo.checkpoint.pretrained.push_to_hub`."""
+        from zoo.checkpoint.pretrained import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 

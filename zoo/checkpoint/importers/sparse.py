@@ -9,7 +9,7 @@ projections (``qk_norm``). Attention is the zoo GQA block (Qwen2-MoE with q/k/v 
 
 from __future__ import annotations
 
-from zoo.convert.common import (HFConfig, Tensors, attention_options, check_dense_options, decoder_config,
+from zoo.checkpoint.importers.common import (HFConfig, Tensors, attention_options, check_dense_options, decoder_config,
                                 embeddings_and_head, experts, gqa_attention, layer_norms, swiglu)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from zoo.hub import CheckpointError
+from zoo.errors import CheckpointError
 
 _ABSENT = object()
 
@@ -78,7 +78,7 @@ def decoder_config(config: HFConfig, mixer: dict, ffn: dict, layers: dict | None
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
         "norm": {"type": "rmsnorm", "eps": float(config.get("rms_norm_eps", 1e-6))},
         "mixer": mixer, "ffn": ffn, "layers": layers or {},
-    }, "name": config.raw.get("_name_or_path") or None}
+    }}
 
 
 def attention_options(config: HFConfig, qkv_bias: bool) -> dict:

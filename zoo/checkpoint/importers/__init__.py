@@ -1,7 +1,7 @@
 """Import Hugging Face transformers checkpoints as zoo models.
 
 ``convert_checkpoint(hf_config, state_dict, source)`` turns a transformers ``config.json`` and its tensors
-into a zoo config and a zoo state dict; :func:`zoo.from_pretrained` calls it for any checkpoint whose
+into a zoo model config and a zoo state dict; :func:`zoo.from_pretrained` calls it for any checkpoint whose
 ``config.json`` has a ``model_type``. One small module per family: :mod:`.dense` (llama, mistral,
 qwen2), :mod:`.sparse` (mixtral, qwen2_moe, olmoe), :mod:`.deepseek` (deepseek_v3); :mod:`.common`
 holds the shared mapping. Options a family module does not support fail with the supported values.
@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from zoo.config import ConfigError, ZooConfig
-from zoo.convert import deepseek, dense, sparse
-from zoo.convert.common import HFConfig, Tensors
-from zoo.hub import CheckpointError
+from zoo.checkpoint.importers import deepseek, dense, sparse
+from zoo.checkpoint.importers.common import HFConfig, Tensors
+from zoo.errors import CheckpointError, ConfigError
+from zoo.model.config import ModelConfig
 
 CONVERTERS = {"llama": dense.convert, "mistral": dense.convert, "qwen2": dense.convert,
               "mixtral": sparse.convert, "qwen2_moe": sparse.convert, "olmoe": sparse.convert,
@@ -26,8 +26,8 @@ def supported_model_types() -> list[str]:
 
 
 def convert_checkpoint(hf_config: dict, state_dict: dict[str, torch.Tensor],
-                       source: str) -> tuple[ZooConfig, dict[str, torch.Tensor]]:
-    """The zoo config and state dict of a transformers checkpoint of a supported ``model_type``."""
+                       source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The zoo model config and state dict of a transformers checkpoint of a supported ``model_type``."""
     model_type = hf_config.get("model_type")
     if model_type not in CONVERTERS:
         raise CheckpointError(f"{source}: transformers model_type {model_type!r} cannot be imported; "
@@ -35,7 +35,7 @@ def convert_checkpoint(hf_config: dict, state_dict: dict[str, torch.Tensor],
     tensors = Tensors(state_dict, source)
     raw = CONVERTERS[model_type](HFConfig(hf_config, source), tensors)
     try:
-        config = ZooConfig.from_dict(raw)
+        config = ModelConfig.from_dict(raw["model"])
     except ConfigError as err:
         raise CheckpointError(f"{source}: the {model_type} config maps to an invalid zoo config: {err}") from err
     return config, tensors.finish()

@@ -1,0 +1,174 @@
+"""``train(config)``: a whole training job.
+
+Tokenizer and token caches, the model (``vocab_size`` following the tokenizer when unset), ``lightning.Trainer``
+(``train.trainer.*`` passes through: devices, strategy, ...), resumable checkpoints at
+``out_dir/checkpoints/last.ckpt``, then the export to ``out_dir/final`` (``save_pretrained`` with
+``tokenizer.json`` and the run's config as ``run_config.yaml``), ``loss.png`` (and ``expert_load.png`` for
+MoE models) and a generated sample. The caller's config is never changed: the resolved one (``out_dir``,
+``vocab_size``) is a new object, returned in the result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from zoo.checkpoint.hub import upload_checkpoint
+from zoo.errors import ConfigError
+from zoo.train.callbacks import ResumableCSVLogger, RunControl
+from zoo.train.config import ZooConfig
+from zoo.train.data import ZooDataModule
+from zoo.train.module import ZooLightningModule
+from zoo.train.plots import plot_expert_load, plot_losses
+
+_RUN_DIR_ENV = "ZOO_RUN_DIR"  # hands the resolved out_dir to the processes Lightning's DDP re-launches
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    val_loss: float | None  # the last validation's
+    interrupted: bool  # stopped by Ctrl-C (a checkpoint was saved, no export)
+    sample: str | None
+    module: ZooLightningModule
+    config: ZooConfig  # the resolved config the run used (out_dir and vocab_size filled in)
+
+
+def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
+    """``(config with train.out_dir resolved, checkpoint to resume from or None)``; ``config`` itself is
+    unchanged. Raises ConfigError for a resume request without a checkpoint, before anything is allocated.
+    The resolved directory is handed to the processes Lightning's DDP re-launches through the environment."""
+    train = config.train
+    out_dir, resume_path = train.out_dir, None
+    if isinstance(train.resume, str):
+        resume_path = Path(train.resume).expanduser()
+        if not resume_path.is_file():
+            raise ConfigError(f"train.resume: checkpoint {train.resume!r} does not exist")
+        out_dir = out_dir or str(resume_path.parent.parent)
+    if out_dir is None:
+        base = Path("runs") / (config.name or "custom")
+        if train.resume is True:
+            previous = sorted(p.parent.parent for p in base.glob("*/checkpoints/last.ckpt"))
+            if not previous:
+                raise ConfigError(f"train.resume=true: no run with checkpoints/last.ckpt under {base}/; "
+                                  "set train.out_dir or give train.resume a checkpoint path")
+            out_dir = str(previous[-1])
+        elif os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+            out_dir = os.environ[_RUN_DIR_ENV]  # a process re-launched by Lightning's DDP
+        else:
+            out_dir = str(base / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.environ[_RUN_DIR_ENV] = out_dir
+    if train.resume is True:
+        resume_path = Path(out_dir) / "checkpoints" / "last.ckpt"
+        if not resume_path.is_file():
+            raise ConfigError(f"train.resume=true: {resume_path} does not exist")
+    return replace(config, train=replace(train, out_dir=out_dir)), resume_path
+
+
+def check_config(config: ZooConfig) -> None:
+    """Checks across model and train keys that only training needs."""
+    if config.train.data.seq_len > config.model.max_seq_len:
+        raise ConfigError(f"train.data.seq_len={config.train.data.seq_len} exceeds "
+                          f"model.max_seq_len={config.model.max_seq_len}")
+
+
+def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainResult:
+    """Run the training job ``config`` describes (see the module docstring); returns what it produced.
+    ``config`` is not changed; ``result.config`` is the resolved one the run used."""
+    check_config(config)
+    config, resume_path = resolve_run(config)
+    out_dir = Path(config.train.out_dir)
+    train_cfg = config.train
+    L.seed_everything(train_cfg.seed, verbose=False)
+    datamodule = ZooDataModule(config)
+    tokenizer = datamodule.tokenizer
+    if config.model.vocab_size is None:
+        config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
+    elif config.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size} ids; leave it unset to follow the tokenizer")
+    module = ZooLightningModule(config)
+
+    resume_step = _checkpoint_step(resume_path) if resume_path is not None else None
+    loggers = [ResumableCSVLogger(out_dir, keep_until_step=resume_step)]
+    if _tensorboard_available():
+        loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
+    control = RunControl(out_dir / "checkpoints", train_cfg.checkpoint_every, train_cfg.max_steps)
+    trainer = L.Trainer(**trainer_arguments(config, out_dir, loggers, [control, *callbacks]),
+                        **train_cfg.trainer.extra)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path, weights_only=True)
+
+    steps = trainer.global_step
+    val_loss = module.val_history[-1][1] if module.val_history else None
+    result = TrainResult(out_dir, steps, val_loss, control.interrupted, None, module, config)
+    if not trainer.is_global_zero:
+        return result
+    plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
+    if control.interrupted:
+        print(f"resume with: train.out_dir={out_dir} train.resume=true")
+        return result
+    model = module.model.float().cpu().eval()
+    data = train_cfg.data
+    model.save_pretrained(out_dir / "final",
+                          extra_files={"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()},
+                          training={"name": config.name, "steps": steps, "val_loss": val_loss, "corpus": data.corpus,
+                                    "tokenizer": data.tokenizer, "seq_len": data.seq_len})
+    if config.hub.push:
+        upload_checkpoint(out_dir / "final", config.hub.repo_id, commit_message=f"zoo training run: step {steps}")
+    if module.val_expert_load is not None:
+        plot_expert_load(module.val_expert_load, out_dir / "expert_load.png")
+    if train_cfg.sample_tokens > 0:
+        result.sample = generate_sample(model, tokenizer, datamodule.prepare().val, train_cfg.sample_tokens,
+                                        train_cfg.seed)
+        print(f"--- sample (step {steps}) ---\n{result.sample}\n---")
+    if val_loss is not None:
+        print(f"final validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}) at step {steps}; "
+              f"model in {out_dir / 'final'}")
+    return result
+
+
+def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks: list) -> dict:
+    """The ``lightning.Trainer`` arguments zoo sets (``zoo.train.config.TRAINER_ARGS_SET_BY_ZOO`` says from
+    which keys); ``train.trainer.extra`` adds others."""
+    train_cfg, tc = config.train, config.train.trainer
+    return dict(
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        precision=train_cfg.precision, max_steps=train_cfg.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        val_check_interval=train_cfg.val_check_interval * tc.accumulate_grad_batches,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, logger=loggers, callbacks=callbacks,
+        enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=train_cfg.log_every,
+        default_root_dir=out_dir)
+
+
+def _checkpoint_step(path: Path) -> int:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint["global_step"])
+
+
+def _tensorboard_available() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+def generate_sample(model, tokenizer, val_tokens: np.ndarray, n_tokens: int, seed: int) -> str:
+    """A continuation of the first line of the validation text, sampled at temperature 0.8, top-k 40."""
+    prompt_ids = [int(t) for t in val_tokens[:32]]
+    text = tokenizer.decode(prompt_ids)
+    if "\n" in text.strip("\n"):
+        text = text[:text.index("\n", len(text) - len(text.lstrip("\n"))) + 1]
+    prompt = torch.tensor([tokenizer.encode(text) or [tokenizer.eot_id]])
+    n_tokens = min(n_tokens, model.config.max_seq_len - prompt.shape[1])
+    generator = torch.Generator().manual_seed(seed)
+    ids = model.generate(prompt, max_new_tokens=n_tokens, temperature=0.8, top_k=40, generator=generator)
+    return text + tokenizer.decode(ids[0, prompt.shape[1]:].tolist())
