@@ -22,6 +22,7 @@ from zoo.errors import ConfigError
 from zoo.model.block import Block
 from zoo.model.config import ModelConfig
 from zoo.model.generation import generate, generate_speculative
+from zoo.model.memory import check_fits
 from zoo.model.losses import linear_cross_entropy, shifted_cross_entropy
 from zoo.model.mtp import MultiTokenPrediction
 from zoo.registry import BlockContext
@@ -58,6 +59,7 @@ class ZooModel(nn.Module):
                             f"{type(config).__name__}; zoo.build_model takes a whole run config too")
         if config.vocab_size is None:
             raise ConfigError("model.vocab_size is unset: set it, or let train.py take it from the tokenizer")
+        check_fits(config)  # before any allocation; meta-device skeletons are not checked
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config, config.context(i)) for i in range(config.n_layers))
