@@ -31,7 +31,8 @@ class DecodingState(ABC):
 
     @abstractmethod
     def snapshot(self) -> object:
-        """An opaque mark of the current position; cheap (no copy of the state's tensors)."""
+        """An opaque mark of the current position, taken without copying the state's tensors (decoders
+        take one per layer and step)."""
 
     @abstractmethod
     def restore(self, snapshot: object) -> None:
