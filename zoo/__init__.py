@@ -7,6 +7,7 @@ imports every built-in block, dispatcher, converter and objective, which registe
 """
 
 from zoo import blocks, fp8  # noqa: F401  (registers the built-in blocks and the fp8 converter)
+from zoo.blocks.state import DecodingState
 from zoo.checkpoint.pretrained import from_pretrained
 from zoo.errors import CheckpointError, ConfigError
 from zoo.factory import build_model, create_model, list_models
@@ -17,7 +18,8 @@ from zoo.train import objectives  # noqa: F401  (registers the built-in objectiv
 from zoo.train.config import ZooConfig, load_config
 
 __all__ = [
-    "BlockContext", "CheckpointError", "ConfigError", "ModelConfig", "ZooConfig", "ZooModel", "ZooOutput",
-    "available_blocks", "build_model", "create_model", "from_pretrained", "list_models", "load_config", "register",
+    "BlockContext", "CheckpointError", "ConfigError", "DecodingState", "ModelConfig", "ZooConfig", "ZooModel",
+    "ZooOutput", "available_blocks", "build_model", "create_model", "from_pretrained", "list_models", "load_config",
+    "register",
 ]
 __version__ = "0.2.0"

@@ -3,8 +3,10 @@
 Block contracts (see ``zoo.registry`` for how blocks are registered and built):
 
 * ``mixer``: ``forward(x, state=None) -> y`` with ``x, y: (B, T, d_model)``, causal in T.
-  ``init_state(batch_size, max_len, device, dtype)`` returns the mixer's own decoding state (a KV
-  cache for attention, a recurrent state for retention), which ``forward`` advances in place.
+  ``init_state(batch_size, max_len, device, dtype)`` returns the mixer's own decoding state, a
+  :class:`zoo.blocks.state.DecodingState` (a KV cache for attention, a recurrent state for retention):
+  ``forward(x, state)`` advances it in place by ``T`` positions, and decoders roll it back with
+  ``snapshot()``/``restore()`` (and ``rewind(n)`` where ``can_rewind``), never with anything else.
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.blocks.auxiliary.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.

@@ -22,6 +22,7 @@ from torch import nn
 
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding
+from zoo.blocks.state import PositionalCache
 from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
@@ -60,11 +61,11 @@ class AttentionConfig:
         return self.head_dim or d_model // self.n_heads
 
 
-class KVCache:
+class KVCache(PositionalCache):
     """Keys and values of the tokens seen so far, preallocated to ``max_len`` positions.
 
-    ``k, v: (B, n_kv_heads, max_len, head_dim)``; ``length`` tokens are filled. ``rewind(n)`` drops
-    the last ``n`` positions (speculative decoding rejects drafted tokens so).
+    ``k, v: (B, n_kv_heads, max_len, head_dim)``; ``length`` tokens are filled. A
+    :class:`~zoo.blocks.state.DecodingState` whose snapshot is the length: rolling back only shortens it.
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
@@ -83,9 +84,6 @@ class KVCache:
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
-
-    def rewind(self, n: int) -> None:
-        self.length -= n
 
 
 @register("mixer", "attention", config=AttentionConfig)

@@ -23,6 +23,7 @@ from torch import nn
 
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding
+from zoo.blocks.state import PositionalCache
 from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
@@ -46,9 +47,10 @@ class MLAConfig:
             raise ConfigError(f"qk_rope_head_dim must be even for rotary positions, got {self.qk_rope_head_dim}")
 
 
-class MLACache:
+class MLACache(PositionalCache):
     """The compressed decoding state: ``latent (B, max_len, kv_lora_rank)`` and ``k_rope (B, max_len,
-    qk_rope_head_dim)`` of the ``length`` tokens seen so far; ``rewind(n)`` drops the last ``n``."""
+    qk_rope_head_dim)`` of the ``length`` tokens seen so far; as for a KV cache, its snapshot is the
+    length and rolling back only shortens it."""
 
     def __init__(self, batch_size: int, kv_lora_rank: int, rope_dim: int, max_len: int, device, dtype):
         self.latent = torch.empty(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
@@ -63,9 +65,6 @@ class MLACache:
         self.k_rope[:, self.length:end] = k_rope
         self.length = end
         return self.latent[:, :end], self.k_rope[:, :end]
-
-    def rewind(self, n: int) -> None:
-        self.length -= n
 
 
 @register("mixer", "mla", config=MLAConfig)

@@ -35,6 +35,7 @@ from torch import nn
 
 from zoo.blocks.retention_ops import chunkwise_retention, parallel_retention, recurrent_retention, state_dtype
 from zoo.blocks.rope import RotaryEmbedding
+from zoo.blocks.state import DecodingState
 from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
@@ -70,7 +71,7 @@ class RetentionSnapshot(NamedTuple):
     length: int
 
 
-class RetentionState:
+class RetentionState(DecodingState):
     """Decoding state of one retention layer: ``recurrent: (B, H, Dk, Dv)`` and ``length``, the
     number of tokens seen (the rotary offset of the next one).
 
@@ -78,7 +79,8 @@ class RetentionState:
     size does not depend on the context length. ``forward`` advances the state by replacing
     ``recurrent`` with a new tensor and never writes into the old one, so ``snapshot()`` only keeps
     references (no copy) and ``restore(snapshot)`` rolls back to it: a speculative decoder snapshots
-    before feeding drafted tokens, and on rejection restores and feeds the accepted ones again.
+    before feeding drafted tokens, and on rejection restores and feeds the accepted ones again (the
+    recurrent matrix mixes all positions, so it cannot rewind).
     """
 
     def __init__(self, recurrent: torch.Tensor, length: int = 0):

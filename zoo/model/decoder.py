@@ -18,6 +18,7 @@ from torch import nn
 
 from zoo import registry
 from zoo.blocks.auxiliary import AuxCollector
+from zoo.blocks.state import DecodingState
 from zoo.errors import ConfigError
 from zoo.model.block import Block
 from zoo.model.config import ModelConfig
@@ -115,15 +116,22 @@ class ZooModel(nn.Module):
         self.config = self.config.without_mtp()
         return self
 
-    def init_states(self, batch_size: int, max_len: int, blocks=None) -> list:
+    def init_states(self, batch_size: int, max_len: int, blocks=None) -> list[DecodingState]:
         """Fresh per-layer decoding states (KV caches, recurrent states) for ``max_len`` positions, of
-        the main model's blocks or of ``blocks`` (e.g. the MTP modules' blocks)."""
+        the main model's blocks or of ``blocks`` (e.g. the MTP modules' blocks). Decoding relies on the
+        :class:`~zoo.blocks.state.DecodingState` protocol alone, so a mixer whose ``init_state`` returns
+        anything else is a ``TypeError`` here rather than a failure midway through decoding."""
         param = self.embed.weight
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else param.dtype
         if param.is_cuda and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
         blocks = self.blocks if blocks is None else blocks
-        return [block.mixer.init_state(batch_size, max_len, param.device, dtype) for block in blocks]
+        states = [block.mixer.init_state(batch_size, max_len, param.device, dtype) for block in blocks]
+        for block, state in zip(blocks, states):
+            if not isinstance(state, DecodingState):
+                raise TypeError(f"{type(block.mixer).__name__}.init_state returned a {type(state).__name__}, "
+                                f"not a zoo.blocks.state.DecodingState (see the mixer contract in zoo.blocks)")
+        return states
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,

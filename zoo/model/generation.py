@@ -1,4 +1,5 @@
-"""Autoregressive decoding with per-mixer decoding states (KV caches, recurrent states).
+"""Autoregressive decoding with per-mixer decoding states (:class:`zoo.blocks.state.DecodingState`:
+KV caches, recurrent states), which every forward pass advances in place.
 
 Prefill runs the prompt through the model once, filling each layer's state; every later step feeds
 one token per sequence. Sampling: greedy at ``temperature=0``, else temperature, then top-k, then
@@ -25,6 +26,7 @@ import functools
 import torch
 
 from zoo.blocks.auxiliary import AuxCollector
+from zoo.blocks.state import DecodingState
 
 
 def _in_eval_mode(decode):
@@ -130,9 +132,10 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 6
     and its pre-norm hidden states ``h^0_i`` are kept; depth ``k`` of the MTP chain at position ``i``
     reads ``h^{k-1}_i`` and token ``x_{i+k}`` and predicts ``x_{i+k+1}`` (so draft ``d_k`` of ``x_{N-1+k}``
     comes from position ``N-2``). Positions of depth ``k`` up to ``N-1-k`` read committed tokens only and
-    stay in its decoding state; the later ``k-1`` read drafts and are rolled back after verification.
-    Rejected positions of the main model are rewound (KV caches) or restored from a snapshot and
-    re-fed with the accepted tokens (recurrent states).
+    stay in its decoding state; the later ``k-1`` read drafts and are discarded after verification by
+    restoring the snapshot taken before them. Rejected positions of the main model are rewound when every
+    main state ``can_rewind`` (KV caches); otherwise every state is restored to its snapshot from before
+    verification and fed the accepted tokens again (recurrent states, alone or in a hybrid).
     """
     mtp = model.mtp
     if mtp is None:
@@ -166,7 +169,7 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 6
         n_draft = min(D, max_new_tokens - n_new - 1)
         marks = [_draft(model, k, N, seq, hidden, mtp_states[k - 1], done, aux) for k in range(1, n_draft + 1)]
         # Verify x_{N-1}, d_1..d_n at positions N-1..N-1+n in one pass.
-        main_marks = [_mark(state) for state in main_states]
+        main_marks = [state.snapshot() for state in main_states]
         h = model.hidden_states(seq[:, N - 1:N + n_draft], aux, main_states)  # (1, n+1, d)
         predicted = model.head(model.norm(h)).argmax(-1)[0]  # (n+1,): x_N .. x_{N+n} by the main model
         stats["forward_passes"] += 1
@@ -175,16 +178,16 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 6
         seq[:, N + accepted] = predicted[accepted]
         hidden[0][:, N - 1:N + accepted] = h[:, :accepted + 1]
         if accepted < n_draft:
-            if all(hasattr(state, "rewind") for state in main_states):
+            if all(state.can_rewind for state in main_states):
                 for state in main_states:
                     state.rewind(n_draft - accepted)
             else:  # restore, then feed the accepted tokens again
                 for state, mark in zip(main_states, main_marks):
-                    _rollback(state, mark)
+                    state.restore(mark)
                 hidden[0][:, N - 1:N + accepted] = model.hidden_states(seq[:, N - 1:N + accepted], aux, main_states)
                 stats["rollback_passes"] += 1
         for k, mark in enumerate(marks, start=1):
-            _rollback(mtp_states[k - 1], mark)
+            mtp_states[k - 1].restore(mark)
         stats["drafted"] += n_draft
         stats["accepted"] += accepted
         emitted = accepted + 1
@@ -198,11 +201,11 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 6
     return seq[:, :N].clone(), stats
 
 
-def _draft(model, k: int, N: int, seq: torch.Tensor, hidden: list, state, done: list, aux):
+def _draft(model, k: int, N: int, seq: torch.Tensor, hidden: list, state: DecodingState, done: list, aux):
     """Advance MTP depth ``k`` to position ``N-2`` and write its draft of ``x_{N-1+k}`` into ``seq``.
 
     Positions up to ``N-1-k`` (all, for parallel heads) read committed tokens and are kept; later ones
-    read drafts. Returns the state's mark taken between the two, to roll back to after verification."""
+    read drafts. Returns the state's snapshot taken between the two, to restore after verification."""
     mtp = model.mtp
     last = N - 2
     certain = last if not mtp.sequential else min(last, N - 1 - k)
@@ -214,18 +217,6 @@ def _draft(model, k: int, N: int, seq: torch.Tensor, hidden: list, state, done: 
                                                    model.embed, aux, state)
         if mark is None:
             done[k] = max(done[k], certain + 1)
-            mark = _mark(state)
+            mark = state.snapshot()
     seq[:, N - 1 + k] = model.head(mtp.layers[k - 1].norm(hidden[k][:, last])).argmax(-1)
     return mark
-
-
-def _mark(state):
-    """Where to roll a decoding state back to: a snapshot (recurrent states) or the cache length."""
-    return state.snapshot() if hasattr(state, "snapshot") else state.length
-
-
-def _rollback(state, mark) -> None:
-    if hasattr(state, "snapshot"):
-        state.restore(mark)
-    else:
-        state.rewind(state.length - mark)
