@@ -153,7 +153,7 @@ def _coerce(tp: Any, value: Any, path: str, kind: str | None = None) -> Any:
                 raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}: {value!r}")
             return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         item = args[0] if args else Any
-        coerced = [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        coerced = [_coerce(item, v, f"{path}[{i}]", kind) for i, v in enumerate(value)]
         return tuple(coerced) if origin is tuple else coerced
     if origin is dict:
         if not isinstance(value, Mapping):

@@ -29,9 +29,11 @@ def init_weights(model: ZooModel) -> ZooModel:
 
 
 def apply_converters(model: ZooModel) -> ZooModel:
-    """Apply every registered converter that ``model.config`` sets (the field named after it)."""
-    for name, options in model.config.converters():
-        model = registry.lookup("converter", name).block(options).convert(model)
+    """Apply the converters ``model.config`` names (:meth:`ModelConfig.converter_specs`), in order. A converter
+    is registered under the kind ``converter`` with its options dataclass; ``Converter(options).convert(model)``
+    transforms the model (in place or not) and returns it."""
+    for spec in model.config.converter_specs():
+        model = registry.lookup("converter", spec.type).block(spec.options).convert(model)
     return model
 
 

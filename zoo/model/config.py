@@ -1,6 +1,6 @@
 """The model config: the ``model`` section of a config file, all that a :class:`~zoo.model.ZooModel` and its
-checkpoint need. Blocks are chosen by name from the registry (:class:`~zoo.schema.BlockSpec`); converters
-(FP8 today) are configured by the field named after them.
+checkpoint need. Blocks and converters are chosen by name from the registry (:class:`~zoo.schema.BlockSpec`):
+``model.fp8`` configures the built-in FP8 converter, ``model.converters: [{type: NAME, ...}]`` any other.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Sequence
 
-from zoo import registry
 from zoo.registry import BlockContext
 from zoo.errors import ConfigError, prefixed, require_positive
 from zoo.fp8.convert import FP8Config
@@ -62,6 +61,7 @@ class ModelConfig:
     layers: dict[int, LayerOverride] = field(default_factory=dict)
     fp8: FP8Config = field(default_factory=FP8Config)  # the fp8 converter (zoo.fp8)
     mtp: MTPConfig | None = None  # multi-token prediction (zoo.model.mtp); None: off
+    converters: list[BlockSpec] = field(default_factory=list, metadata={"kind": "converter"})  # applied in order
 
     def layer_blocks(self, index: int) -> tuple[BlockSpec, BlockSpec]:
         """The (mixer, ffn) specs of layer ``index``, per-layer overrides applied."""
@@ -73,10 +73,10 @@ class ModelConfig:
         and the MTP modules)."""
         return BlockContext(self.d_model, self.n_layers, layer_idx, self.max_seq_len, self.init_std)
 
-    def converters(self) -> list[tuple[str, Any]]:
-        """``(name, options)`` of each registered converter this config sets (the field named after it)."""
-        return [(name, getattr(self, name)) for name in registry.available("converter")
-                if getattr(self, name, None) is not None]
+    def converter_specs(self) -> list[BlockSpec]:
+        """The converters to apply to a built model, in order: ``fp8`` (its own section, a no-op for recipe
+        ``none``), then the ``converters`` list."""
+        return [BlockSpec("fp8", self.fp8), *self.converters]
 
     def without_mtp(self) -> "ModelConfig":
         """A copy without multi-token prediction (this config is unchanged)."""
@@ -145,3 +145,7 @@ def validate_model(model: ModelConfig) -> None:
         if check is not None:
             prefixed(path, check, model)
     prefixed("model.fp8", model.fp8.validate)
+    for index, spec in enumerate(model.converters):
+        check = getattr(spec.options, "validate", None)
+        if check is not None:
+            prefixed(f"model.converters[{index}]", check)
