@@ -9,7 +9,7 @@ weight scale is one scale per expert). The quantised operands are dequantised to
 multiplied with ``torch._grouped_mm``; the weight gradient is quantised per expert's rows along the
 token dim.
 
-Emulated on every device. torch 2.13's float8 grouped GEMM, ``torch._scaled_grouped_mm``, has no CPU
+Emulated on every device. torch's float8 grouped GEMM, ``torch._scaled_grouped_mm``, has no CPU
 kernel (only CUDA and meta), and on CUDA it takes E4M3 operands with float32 rowwise scales only (one per
 row of ``a``, one per output column of each expert's ``b``) and writes bfloat16: tensorwise (E5M2
 gradients) and blockwise (1x128 / 128x128 scales) do not fit it, and a rowwise-only GPU path is left

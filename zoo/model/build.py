@@ -1,7 +1,7 @@
 """Building a model from its config: construct, initialise, convert.
 
 :func:`build_model` constructs the modules, fills the parameters by the init pass
-(:func:`init_weights`) and then applies the converters the config sets (FP8 today), in that order, so
+(:func:`init_weights`) and then applies the converters the config names (``model.fp8``, ``model.converters``), in that order, so
 a converter sees initialised weights. :func:`build_skeleton` constructs on the meta device only, for a
 checkpoint to fill.
 """

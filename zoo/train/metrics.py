@@ -16,7 +16,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def moe_max_violation(tokens_per_expert: list[torch.Tensor]) -> float:
-    """MaxVio (DESIGN §4; Wang et al. 2024, Eq. 7) of each MoE layer over its own experts, averaged over
+    """MaxVio (Wang et al. 2024, Eq. 7) of each MoE layer over its own experts, averaged over
     the layers; ``tokens_per_expert`` holds one ``(n_experts,)`` count per layer, sizes may differ."""
     return torch.stack([max_violation(counts) for counts in tokens_per_expert]).mean().item()
 

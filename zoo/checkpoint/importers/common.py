@@ -160,7 +160,7 @@ def swiglu(t: Tensors, src: str, dst: str, bias: bool = False) -> None:
 
 def experts(t: Tensors, src: str, dst: str, n_experts: int, names: tuple[str, str, str]) -> None:
     """Routed experts -> zoo's packed ``gate_up_proj (E, 2I, d)`` (gate rows first) and ``down_proj
-    (E, d, I)``, from transformers 5's packed layout (the same) or the older per-expert tensors
+    (E, d, I)``, from transformers' packed layout (the same) or the older per-expert tensors
     ``{src}.{e}.{gate}/{up}/{down}.weight`` (``names``: w1/w3/w2 in Mixtral, gate_proj/up_proj/down_proj)."""
     if t.has(f"{src}.gate_up_proj"):
         t.move(f"{src}.gate_up_proj", f"{dst}.gate_up_proj")

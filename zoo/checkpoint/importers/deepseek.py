@@ -6,7 +6,7 @@ rotates ``(x_i, x_{i + d/2})``, so those weight rows are permuted once at import
 which leaves every ``q . k`` unchanged. The FFN of the first ``first_k_dense_replace`` layers is a
 dense SwiGLU; the others are zoo's ``moe``: sigmoid scores, ``e_score_correction_bias`` added for
 selection only (zoo's loss-free ``expert_bias``), group-limited top-k, weights from the unbiased
-scores normalised and scaled by ``routed_scaling_factor``, plus shared experts (DESIGN §8).
+scores normalised and scaled by ``routed_scaling_factor``, plus shared experts.
 
 The multi-token-prediction layers released with DeepSeek-V3 (``model.layers.{n_layers + k - 1}``, ``k = 1 ..
 num_nextn_predict_layers``) become zoo's sequential MTP modules (``model.mtp``, :mod:`zoo.blocks.mtp`):

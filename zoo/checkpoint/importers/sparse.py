@@ -1,6 +1,6 @@
 """Mixture-of-Experts Llama-family checkpoints: ``mixtral``, ``qwen2_moe``, ``olmoe``.
 
-Each maps onto zoo's ``moe`` FFN with its own routing rule (DESIGN §8): Mixtral takes the float32
+Each maps onto zoo's ``moe`` FFN with its own routing rule: Mixtral takes the float32
 softmax over all experts, the top-k, and always renormalises them; Qwen2-MoE and OLMoE renormalise only
 with ``norm_topk_prob``; Qwen2-MoE adds a shared expert scaled by ``sigmoid(Linear(d -> 1))`` and can keep
 some layers dense (``mlp_only_layers``, ``decoder_sparse_step``). OLMoE normalises the full q and k
