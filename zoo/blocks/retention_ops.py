@@ -26,6 +26,7 @@ the state they are given.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,9 +85,8 @@ def chunkwise_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g
 
 def _equal_chunks(q, k, v, log_gamma, C, state):
     """Chunkwise retention over ``T = N * C`` positions (N chunks of length C)."""
-    B, H, T, Dk = q.shape
-    Dv, N, sdt = v.shape[-1], T // C, state.dtype
-    q, k, v = q.reshape(B, H, N, C, Dk), k.reshape(B, H, N, C, Dk), v.reshape(B, H, N, C, Dv)
+    sdt = state.dtype
+    q, k, v = (rearrange(x, "b h (n c) d -> b h n c d", c=C) for x in (q, k, v))
     log_gamma = log_gamma.to(sdt)
     pos = torch.arange(C, device=q.device, dtype=sdt)
     inner_decay = decay_mask(log_gamma, C, sdt)[:, None]  # (H, 1, C, C)
@@ -101,7 +101,7 @@ def _equal_chunks(q, k, v, log_gamma, C, state):
             before.append(state)
             state = chunk_decay * state + write
         cross = (q.to(sdt) * read_decay) @ torch.stack(before, dim=2)  # (B, H, N, C, Dv)
-    return (inner + cross).reshape(B, H, T, Dv), state
+    return rearrange(inner + cross, "b h n c d -> b h (n c) d"), state
 
 
 def naive_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
