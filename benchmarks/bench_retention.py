@@ -26,14 +26,15 @@ import torch
 
 from benchmarks._common import RESULTS, alternate, print_table, save, scaled, summary, table
 from zoo.blocks.retention import MultiScaleRetention, RetentionConfig
+from zoo.model import init_weights
 from zoo.registry import BlockContext
 
 D_MODEL, N_HEADS, BATCH = 256, 4, 1
 
 
 def make_step(mode: str, T: int, chunk_size: int = 64):
-    mixer = MultiScaleRetention(RetentionConfig(n_heads=N_HEADS, mode=mode, chunk_size=chunk_size),
-                                BlockContext(D_MODEL, 4, 0, T, 0.02))
+    mixer = init_weights(MultiScaleRetention(RetentionConfig(n_heads=N_HEADS, mode=mode, chunk_size=chunk_size),
+                                             BlockContext(D_MODEL, 4, 0, T, 0.02)))
     x = torch.randn(BATCH, T, D_MODEL, requires_grad=True)
 
     def step() -> float:

@@ -8,6 +8,7 @@ import torch
 from zoo.blocks.attention import Attention, AttentionConfig, attend
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding
+from zoo.model import init_weights
 from zoo.registry import BlockContext
 
 CTX = BlockContext(d_model=64, n_layers=2, layer_idx=0, max_seq_len=64, init_std=0.02)
@@ -48,8 +49,8 @@ def test_xformers_matches_eager_on_cuda():
 
 
 def test_gqa_equals_mha_with_repeated_kv():
-    gqa = Attention(AttentionConfig(n_heads=4, n_kv_heads=2), CTX).double()
-    mha = Attention(AttentionConfig(n_heads=4, n_kv_heads=4), CTX).double()
+    gqa = init_weights(Attention(AttentionConfig(n_heads=4, n_kv_heads=2), CTX)).double()
+    mha = init_weights(Attention(AttentionConfig(n_heads=4, n_kv_heads=4), CTX)).double()
     q_w, k_w, v_w = gqa.qkv.weight.split([64, 32, 32])
     repeat = lambda w: w.view(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)  # noqa: E731
     with torch.no_grad():
@@ -61,7 +62,7 @@ def test_gqa_equals_mha_with_repeated_kv():
 
 @pytest.mark.parametrize("n_kv_heads", [4, 1])
 def test_kv_cache_prefill_then_steps_equals_full_forward(n_kv_heads):
-    attn = Attention(AttentionConfig(n_heads=4, n_kv_heads=n_kv_heads), CTX).double()
+    attn = init_weights(Attention(AttentionConfig(n_heads=4, n_kv_heads=n_kv_heads), CTX)).double()
     x = torch.randn(2, 12, 64, dtype=torch.float64)
     state = attn.init_state(2, 12, x.device, x.dtype)
     pieces = [attn(x[:, :5], state), attn(x[:, 5:9], state)] + [attn(x[:, t:t + 1], state) for t in range(9, 12)]
@@ -85,7 +86,7 @@ def test_rope_rotates_pairs_and_depends_on_relative_position():
 
 
 def test_rope_tables_survive_casting_the_model_to_bfloat16():
-    attn = Attention(AttentionConfig(n_heads=4), CTX).to(torch.bfloat16)
+    attn = init_weights(Attention(AttentionConfig(n_heads=4), CTX)).to(torch.bfloat16)
     x = torch.randn(1, 1, 3, 16, dtype=torch.float64)
     torch.testing.assert_close(attn.rope(x, 1000).float(), RotaryEmbedding(16)(x, 1000).float(), rtol=0, atol=1e-6)
 

@@ -20,6 +20,7 @@ from zoo.train.data import prepare_tokens
 from zoo.fp8 import Float8Linear, convert_to_float8, make_recipe
 from zoo.fp8.linear import fp8_matmul
 from zoo.fp8.quant import BLOCK, E4M3, E5M2, ROWWISE, TENSORWISE, TILE, dequantize, fp8_max, quantize, scale_shape
+from zoo.model import init_weights
 
 BLOCKS = {"tensor": TENSORWISE, "row": ROWWISE, "tile": TILE, "block": BLOCK}
 RECIPES = ["tensorwise", "rowwise", "blockwise"]
@@ -448,7 +449,7 @@ def test_float8_experts_match_float64_reference(recipe, weight_grad_hp):
     from zoo.fp8.experts import Float8Experts
 
     n_experts, tokens = 4, 96
-    experts = Experts(n_experts, 128, 128, init_std=0.02, out_std=0.02)
+    experts = init_weights(Experts(n_experts, 128, 128, init_std=0.02, out_std=0.02))
     fp8 = Float8Experts.from_experts(experts, make_recipe(recipe, weight_grad_hp))
     assert fp8.gate_up_proj is experts.gate_up_proj and fp8.down_proj is experts.down_proj
     x = torch.randn(tokens, 128)

@@ -21,6 +21,7 @@ import torch
 import zoo
 from zoo.checkpoint.files import read_state_dict
 from zoo.errors import CheckpointError
+from zoo.model import ZooModel
 from hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -399,18 +400,24 @@ def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
     assert len(hub.repos["org/swap"].commits) == 6  # creation, 2 user uploads, and one commit per push
 
 
-def test_skeleton_has_the_model_shapes_and_restores_torch_init(monkeypatch):
+def test_skeleton_has_the_model_shapes_and_leaves_torch_init_alone(monkeypatch):
+    """The skeleton is built on meta with nothing patched: torch.nn.init is the same while the model is
+    constructed and afterwards."""
     from zoo.model.build import build_skeleton
 
-    originals = {name: getattr(torch.nn.init, name) for name in ("normal_", "zeros_", "kaiming_uniform_")}
+    originals = dict(vars(torch.nn.init))
+    seen = []
+
+    def construct(config):
+        seen.append(dict(vars(torch.nn.init)))
+        return ZooModel(config)
+
     config = zoo.load_config("deepseek-moe-tiny", {"model.n_layers": 2})
+    monkeypatch.setattr(zoo.model.build, "ZooModel", construct)
     skeleton = build_skeleton(config.model)
     reference = zoo.build_model(config)
     shapes = {n: p.shape for n, p in reference.state_dict().items()}
     assert {n: p.shape for n, p in skeleton.state_dict().items()} == shapes
-    assert all(p.is_meta for p in skeleton.parameters())
-    assert {name: getattr(torch.nn.init, name) for name in originals} == originals
-    monkeypatch.setattr(zoo.model.build, "ZooModel", lambda config: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        build_skeleton(config.model)
-    assert {name: getattr(torch.nn.init, name) for name in originals} == originals  # restored after a failure too
+    assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    assert len(seen) == 2 and all(during == originals for during in seen)
+    assert dict(vars(torch.nn.init)) == originals

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from zoo.blocks.mla import MLAConfig, MultiHeadLatentAttention
+from zoo.model import init_weights
 from zoo.registry import BlockContext
 
 CTX = BlockContext(d_model=48, n_layers=2, layer_idx=0, max_seq_len=64, init_std=0.1)
@@ -17,7 +18,7 @@ CTX = BlockContext(d_model=48, n_layers=2, layer_idx=0, max_seq_len=64, init_std
 def mla(q_lora_rank, norm_eps=1e-6):
     config = MLAConfig(n_heads=3, q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_nope_head_dim=8,
                        qk_rope_head_dim=6, v_head_dim=10, norm_eps=norm_eps)
-    module = MultiHeadLatentAttention(config, CTX).double()
+    module = init_weights(MultiHeadLatentAttention(config, CTX)).double()
     for norm in (getattr(module, "q_norm", None), module.kv_norm):
         if norm is not None:
             norm.weight.data.uniform_(0.5, 1.5)

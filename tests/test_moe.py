@@ -14,13 +14,14 @@ from zoo.blocks.experts import naive_experts, pad_groups, sort_by_expert
 from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
 from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
+from zoo.model import init_weights
 from zoo.registry import BlockContext
 
 CTX = BlockContext(d_model=32, n_layers=2, layer_idx=0, max_seq_len=64, init_std=0.2)
 
 
 def moe(**options) -> TopKMoE:
-    return TopKMoE(MoEConfig(**{"n_experts": 8, "top_k": 2, "d_hidden": 24, **options}), CTX)
+    return init_weights(TopKMoE(MoEConfig(**{"n_experts": 8, "top_k": 2, "d_hidden": 24, **options}), CTX))
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -90,7 +91,7 @@ def test_padded_groups_keep_every_pair_and_pad_with_zero_weight_rows():
 
 
 def test_bias_changes_selection_never_the_weights():
-    router = Router(32, 8, 2, 0.2, score_func="sigmoid", norm_topk_prob=False, loss_free_bias=True)
+    router = init_weights(Router(32, 8, 2, 0.2, score_func="sigmoid", norm_topk_prob=False, loss_free_bias=True))
     x = torch.randn(64, 32)
     before = router(x)
     router.expert_bias.copy_(torch.linspace(-0.5, 0.5, 8))
@@ -101,14 +102,14 @@ def test_bias_changes_selection_never_the_weights():
 
 
 def test_normalised_weights_and_scaling_factor():
-    router = Router(32, 8, 3, 0.2, score_func="sigmoid", routed_scaling_factor=2.5)
+    router = init_weights(Router(32, 8, 3, 0.2, score_func="sigmoid", routed_scaling_factor=2.5))
     routing = router(torch.randn(16, 32))
     chosen = routing.scores.gather(-1, routing.indices)
     torch.testing.assert_close(routing.weights, 2.5 * chosen / chosen.sum(-1, keepdim=True))
 
 
 def test_router_runs_in_float32_under_bf16_autocast():
-    router = Router(32, 8, 2, 0.2)
+    router = init_weights(Router(32, 8, 2, 0.2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         routing = router(torch.randn(4, 32))
     assert routing.logits.dtype == routing.weights.dtype == torch.float32
@@ -118,7 +119,7 @@ def test_jitter_noise_is_multiplicative_on_the_router_input_at_training_only():
     """Switch §2.4: the router input is multiplied by U(1 - eps, 1 + eps) noise at training. With the
     router's weight the identity, its logits are the (jittered) input itself."""
     eps = 0.1
-    router = Router(16, 16, 1, 0.2, jitter_noise=eps)
+    router = init_weights(Router(16, 16, 1, 0.2, jitter_noise=eps))
     with torch.no_grad():
         router.weight.copy_(torch.eye(16))
     x = torch.randn(256, 16)
@@ -134,7 +135,7 @@ def test_jitter_noise_is_multiplicative_on_the_router_input_at_training_only():
 
 
 def test_group_limited_routing_stays_inside_kept_groups():
-    router = Router(32, 16, 4, 0.5, score_func="sigmoid", n_group=4, topk_group=2, loss_free_bias=True)
+    router = init_weights(Router(32, 16, 4, 0.5, score_func="sigmoid", n_group=4, topk_group=2, loss_free_bias=True))
     router.expert_bias.normal_(std=0.3)
     routing = router(torch.randn(256, 32))
     biased = (routing.scores + router.expert_bias).view(256, 4, 4)
@@ -208,7 +209,7 @@ def test_weighted_switch_aux_loss_of_a_layer_equals_alpha_at_uniform_routing():
     probability of 1/E each (P_i = 1/E), alpha * E * sum_i f_i P_i = alpha. Token type j puts a logit of
     3 on expert j and 0 elsewhere; the types come in equal numbers."""
     E, alpha = 4, 0.01
-    layer = Switch(SwitchConfig(n_experts=E, d_hidden=16, aux_loss_weight=alpha), CTX).train()
+    layer = init_weights(Switch(SwitchConfig(n_experts=E, d_hidden=16, aux_loss_weight=alpha), CTX)).train()
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[:, :E] = 3.0 * torch.eye(E)
@@ -257,7 +258,7 @@ def test_max_violation():
 
 def test_switch_capacity_drops_the_overflow_at_training_only():
     E, N = 4, 24
-    layer = Switch(SwitchConfig(n_experts=E, d_hidden=16, capacity_factor=1.0), CTX)
+    layer = init_weights(Switch(SwitchConfig(n_experts=E, d_hidden=16, capacity_factor=1.0), CTX))
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[2, 0] = 10.0  # every token with x[..., 0] > 0 goes to expert 2
@@ -287,7 +288,7 @@ def test_switch_capacity_drops_the_overflow_at_training_only():
 def test_switch_experts_start_at_the_reduced_init_scale():
     """Fedus et al. 2021 §2.4: the init scale s (a variance, std = sqrt(s / fan_in)) is reduced from 1.0
     to 0.1, so the experts' std is sqrt(0.1) of the usual one (DESIGN §8); the router's is unchanged."""
-    switch = Switch(SwitchConfig(n_experts=8, d_hidden=64), CTX)
+    switch = init_weights(Switch(SwitchConfig(n_experts=8, d_hidden=64), CTX))
     usual = {"gate_up_proj": CTX.init_std, "down_proj": CTX.residual_init_std}
     for name, std in usual.items():
         got = getattr(switch.experts, name).std().item()

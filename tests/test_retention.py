@@ -16,6 +16,7 @@ from zoo.blocks import retention
 from zoo.blocks.retention import (AUTO_PARALLEL_MAX_LEN, MultiScaleRetention, RetentionConfig,
                                    head_log_decays)
 from zoo.blocks.retention_ops import chunkwise_retention, naive_retention, parallel_retention, recurrent_retention
+from zoo.model import init_weights
 from zoo.registry import BlockContext
 
 B, H, DK, DV = 2, 4, 8, 12
@@ -95,7 +96,7 @@ def test_bf16_inputs_with_float32_state_stay_close_and_a_bf16_state_drifts():
 
 def mixer(dtype=torch.float64, d_model=32, **options):
     config = RetentionConfig(n_heads=4, **options)
-    return MultiScaleRetention(config, BlockContext(d_model, 2, 0, 64, 0.2)).to(dtype)
+    return init_weights(MultiScaleRetention(config, BlockContext(d_model, 2, 0, 64, 0.2))).to(dtype)
 
 
 def as_mode(module, mode, chunk_size=None):
@@ -220,7 +221,7 @@ def test_decoding_state_does_not_grow_and_snapshot_restores():
 
 
 def test_out_projection_uses_depth_scaled_init():
-    m = MultiScaleRetention(RetentionConfig(n_heads=4), BlockContext(256, 8, 0, 64, 0.02))
+    m = init_weights(MultiScaleRetention(RetentionConfig(n_heads=4), BlockContext(256, 8, 0, 64, 0.02)))
     assert abs(m.proj.weight.std().item() - 0.02) < 0.002
     assert abs(m.out.weight.std().item() - 0.02 / 4) < 0.0005
 

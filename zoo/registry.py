@@ -15,7 +15,8 @@ is all it takes for configs to name it::
 
     @zoo.register("ffn", "gelu_mlp", config=GeluMLPConfig)
     class GeluMLP(nn.Module):
-        def __init__(self, config: GeluMLPConfig, ctx: zoo.BlockContext): ...
+        def __init__(self, config: GeluMLPConfig, ctx: zoo.BlockContext): ...  # allocate, keep ctx.init_std
+        def init_own_weights(self): ...  # fill them (the block contract in zoo.blocks)
 """
 
 from __future__ import annotations

@@ -11,6 +11,15 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.
 
+Construction and initialisation are apart. A constructor only allocates (``torch.empty``) and stores the
+init scales it needs from its :class:`zoo.registry.BlockContext` (``init_std``, ``residual_init_std``); models
+are constructed on the meta device, where nothing can be filled. Every module that holds parameters or
+buffers defines ``init_own_weights()``, which fills those it holds itself and those of the plain torch
+modules it holds directly (its ``nn.Linear`` children: their own ``reset_parameters`` never runs), and
+leaves submodules that have the method to themselves. The init pass
+(:func:`zoo.model.build.init_weights`) calls it on every module, parents first, under ``torch.no_grad()``;
+it also initialises a standalone block: ``init_weights(Attention(config, ctx))``.
+
 Any module may also define ``on_optimizer_step(all_reduce)``: the trainer calls it once after each
 optimizer step (so after a whole accumulated batch), with ``all_reduce(tensor) -> tensor`` summing a
 tensor over data-parallel ranks (the identity on one process). Blocks update non-gradient state there,

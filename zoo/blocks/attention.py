@@ -102,8 +102,11 @@ class Attention(nn.Module):
         self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
         self.q_norm = RMSNorm(q_dim, config.qk_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(kv_dim, config.qk_norm_eps) if config.qk_norm else None
-        nn.init.normal_(self.qkv.weight, std=ctx.init_std)
-        nn.init.normal_(self.out.weight, std=ctx.residual_init_std)
+        self.init_std, self.out_std = ctx.init_std, ctx.residual_init_std
+
+    def init_own_weights(self) -> None:
+        nn.init.normal_(self.qkv.weight, std=self.init_std)
+        nn.init.normal_(self.out.weight, std=self.out_std)
         if self.qkv.bias is not None:
             nn.init.zeros_(self.qkv.bias)
 

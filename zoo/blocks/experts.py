@@ -133,10 +133,13 @@ class Experts(nn.Module):
                  dispatch: Dispatch = "auto"):
         super().__init__()
         self.n_experts, self.d_hidden, self.dispatch = n_experts, d_hidden, dispatch
+        self.init_std, self.out_std = init_std, out_std
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * d_hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))
-        nn.init.normal_(self.gate_up_proj, std=init_std)
-        nn.init.normal_(self.down_proj, std=out_std)
+
+    def init_own_weights(self) -> None:
+        nn.init.normal_(self.gate_up_proj, std=self.init_std)
+        nn.init.normal_(self.down_proj, std=self.out_std)
 
     def params_per_expert(self) -> int:
         return (self.gate_up_proj.numel() + self.down_proj.numel()) // self.n_experts

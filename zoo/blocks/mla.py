@@ -99,9 +99,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_up = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV
         self.out = nn.Linear(self.n_heads * self.v_dim, ctx.d_model, bias=False)
         self.rope = RotaryEmbedding(self.rope_dim, config.rope_theta)
+        self.init_std, self.out_std = ctx.init_std, ctx.residual_init_std
+
+    def init_own_weights(self) -> None:
         for name, linear in self.named_children():
             if isinstance(linear, nn.Linear):
-                nn.init.normal_(linear.weight, std=ctx.residual_init_std if name == "out" else ctx.init_std)
+                nn.init.normal_(linear.weight, std=self.out_std if name == "out" else self.init_std)
 
     def init_state(self, batch_size: int, max_len: int, device, dtype) -> MLACache:
         """The decoding state: the compressed latent and the shared rope key of every position."""

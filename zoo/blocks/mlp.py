@@ -36,8 +36,11 @@ class SwiGLU(nn.Module):
         self.d_hidden = d_hidden
         self.gate_up = nn.Linear(d_model, 2 * d_hidden, bias=bias)
         self.down = nn.Linear(d_hidden, d_model, bias=bias)
-        nn.init.normal_(self.gate_up.weight, std=ctx.init_std)
-        nn.init.normal_(self.down.weight, std=ctx.residual_init_std)
+        self.init_std, self.out_std = ctx.init_std, ctx.residual_init_std
+
+    def init_own_weights(self) -> None:
+        nn.init.normal_(self.gate_up.weight, std=self.init_std)
+        nn.init.normal_(self.down.weight, std=self.out_std)
         for linear in (self.gate_up, self.down):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)

@@ -124,12 +124,17 @@ class MoE(nn.Module):
         self.experts = Experts(config.n_experts, ctx.d_model, d_hidden, expert_std * ctx.init_std,
                                expert_std * ctx.residual_init_std, config.dispatch)
         self.shared = self.shared_gate = None
+        self.init_std = ctx.init_std
         if config.n_shared_experts:
             d_shared = config.d_shared_hidden or config.n_shared_experts * d_hidden
             self.shared = SwiGLU(ctx.d_model, d_shared, ctx)
             if config.shared_expert_gate:
                 self.shared_gate = nn.Linear(ctx.d_model, 1, bias=False)
-                nn.init.normal_(self.shared_gate.weight, std=ctx.init_std)
+
+    def init_own_weights(self) -> None:
+        """The shared-expert gate from ``N(0, init_std)``; router and experts fill their own."""
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=self.init_std)
 
     def forward(self, x: torch.Tensor, aux: AuxCollector | None = None) -> torch.Tensor:
         B, T, d = x.shape

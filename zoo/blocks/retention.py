@@ -99,7 +99,8 @@ def head_log_decays(n_heads: int, decay: str) -> list[float]:
     if decay == "power2":
         return [math.log1p(-2.0 ** (-5 - h)) for h in range(n_heads)]
     if decay == "loglinear":
-        rates = torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads, dtype=torch.float64).exp()
+        # On the CPU whatever the default device: a model built on meta still needs the numbers.
+        rates = torch.linspace(math.log(1 / 32), math.log(1 / 512), n_heads, dtype=torch.float64, device="cpu").exp()
         return torch.log1p(-rates).tolist()
     raise ValueError(f"unknown decay {decay!r}; choose power2 or loglinear")
 
@@ -119,14 +120,21 @@ class MultiScaleRetention(nn.Module):
         self.split = [width_k, width_k, width_v, width_v]  # q, k, v, gate
         self.proj = nn.Linear(ctx.d_model, sum(self.split), bias=False)
         self.out = nn.Linear(width_v, ctx.d_model, bias=False)
-        self.norm_weight = nn.Parameter(torch.ones(width_v))
-        self.norm_bias = nn.Parameter(torch.zeros(width_v)) if config.norm == "groupnorm" else None
+        self.norm_weight = nn.Parameter(torch.empty(width_v))
+        self.norm_bias = nn.Parameter(torch.empty(width_v)) if config.norm == "groupnorm" else None
         self.rope = RotaryEmbedding(self.key_dim, config.rope_theta)
         # Kept as Python floats, not a buffer: model.to(bfloat16) would round 1 - 2^-9 to 1.
         self.log_decays = head_log_decays(config.n_heads, config.decay)
         self._log_gamma_cache: dict[tuple, torch.Tensor] = {}
-        nn.init.normal_(self.proj.weight, std=ctx.init_std)
-        nn.init.normal_(self.out.weight, std=ctx.residual_init_std)
+        self.init_std, self.out_std = ctx.init_std, ctx.residual_init_std
+
+    def init_own_weights(self) -> None:
+        """Projections from ``N(0, init_std)`` (the output one depth-scaled); the per-head norm's gain 1, bias 0."""
+        nn.init.normal_(self.proj.weight, std=self.init_std)
+        nn.init.normal_(self.out.weight, std=self.out_std)
+        nn.init.ones_(self.norm_weight)
+        if self.norm_bias is not None:
+            nn.init.zeros_(self.norm_bias)
 
     def init_state(self, batch_size: int, max_len: int, device, dtype) -> RetentionState:
         """A zero recurrent state; ``max_len`` is not needed (the state does not grow)."""

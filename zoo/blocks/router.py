@@ -64,13 +64,20 @@ class Router(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.jitter_noise = jitter_noise
         self.bias_update_rate = bias_update_rate
+        self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
-        nn.init.normal_(self.weight, std=init_std)
         if loss_free_bias:
-            self.register_buffer("expert_bias", torch.zeros(n_experts, dtype=torch.float32))
-            self.register_buffer("expert_load", torch.zeros(n_experts, dtype=torch.float32), persistent=False)
+            self.register_buffer("expert_bias", torch.empty(n_experts, dtype=torch.float32))
+            self.register_buffer("expert_load", torch.empty(n_experts, dtype=torch.float32), persistent=False)
         else:
             self.expert_bias = self.expert_load = None
+
+    def init_own_weights(self) -> None:
+        """Router weights from ``N(0, init_std)``; the balancing bias and the load counts start at zero."""
+        nn.init.normal_(self.weight, std=self.init_std)
+        for buffer in (self.expert_bias, self.expert_load):
+            if buffer is not None:
+                nn.init.zeros_(buffer)
 
     def forward(self, x: torch.Tensor) -> Routing:
         dtype = torch.promote_types(x.dtype, torch.float32)

@@ -27,7 +27,8 @@ from zoo.checkpoint.hub import HUB_PREFIX, resolve_checkpoint, upload_checkpoint
 from zoo.checkpoint.importers import convert_checkpoint
 from zoo.errors import CheckpointError
 from zoo.fp8 import checkpoint as fp8_checkpoint
-from zoo.model import ModelConfig, ZooModel, build_model, build_skeleton
+from zoo.model import ModelConfig, ZooModel, build_skeleton, materialize
+from zoo.model.memory import check_fits
 
 FORMAT_VERSION = 2  # of config.json: 2 holds {"format_version", "model"}; zoo 0.1 wrote the run config (1)
 _MTP_PREFIX = "mtp."  # multi-token prediction modules (zoo.model.mtp)
@@ -164,8 +165,12 @@ def read_model_config(config: Mapping, source: Path) -> ModelConfig:
 
 def load_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source: str,
                dtype: torch.dtype | None = None, drop_mtp: bool = False, mtp_init: bool = False) -> ZooModel:
-    """Build ``config``'s model without initialising it and fill it from ``state_dict``; a missing,
+    """Build ``config``'s model on the meta device and fill it from ``state_dict``; a missing,
     unexpected or wrongly shaped tensor raises :class:`CheckpointError` naming every such tensor.
+
+    The checkpoint's tensors are assigned, not copied; only what it does not hold (non-persistent buffers
+    such as the MoE load counts, fresh MTP modules) is allocated, on the checkpoint's device, and initialised
+    (:func:`zoo.model.build.materialize`).
 
     Multi-token prediction (``mtp.*`` tensors): ``drop_mtp=True`` loads without them (into a copy of
     ``config`` without ``mtp``); ``mtp_init=True`` lets a checkpoint without them fill a config with
@@ -176,16 +181,14 @@ def load_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source:
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     grow_mtp = mtp_init and config.mtp is not None and not any(k.startswith(_MTP_PREFIX) for k in state_dict)
-    model = build_skeleton(config)  # no initialisation: every tensor comes from the checkpoint
-    persistent = set(model.state_dict())
-    if grow_mtp or any(name not in persistent for name, _ in model.named_buffers()):
-        model = build_model(config)  # fresh MTP modules, or derived buffers the checkpoint does not hold
-    if grow_mtp:
-        state_dict = {**{k: v for k, v in model.state_dict().items() if k.startswith(_MTP_PREFIX)}, **state_dict}
-    check_state_dict(model, state_dict, source)
+    check_fits(config)  # an override that grew the model is refused before its skeleton is built
+    model = build_skeleton(config)
+    fresh = {k: v for k, v in model.state_dict().items() if grow_mtp and k.startswith(_MTP_PREFIX)}  # meta: shapes
+    check_state_dict(model, {**fresh, **state_dict}, source)
+    device = next(iter(state_dict.values())).device if state_dict else torch.device("cpu")
+    materialize(model, set(state_dict) | _tied_keys(model), device)
     model.load_state_dict(state_dict, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.head.weight = model.embed.weight
+    model.tie_weights()
     return model
 
 

@@ -87,7 +87,7 @@ class Float8Experts(Experts):
         """A Float8Experts holding ``experts``' own packed parameters."""
         n_experts, two_hidden, d_model = experts.gate_up_proj.shape
         with torch.device("meta"):
-            new = cls(n_experts, d_model, two_hidden // 2, 1.0, 1.0, experts.dispatch)
+            new = cls(n_experts, d_model, two_hidden // 2, experts.init_std, experts.out_std, experts.dispatch)
         new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
         new.recipe = recipe
         return new

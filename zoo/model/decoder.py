@@ -23,7 +23,6 @@ from zoo.errors import ConfigError
 from zoo.model.block import Block
 from zoo.model.config import ModelConfig
 from zoo.model.generation import generate, generate_speculative
-from zoo.model.memory import check_fits
 from zoo.model.losses import linear_cross_entropy, shifted_cross_entropy
 from zoo.model.mtp import MultiTokenPrediction
 from zoo.registry import BlockContext
@@ -60,15 +59,27 @@ class ZooModel(nn.Module):
                             f"{type(config).__name__}; zoo.build_model takes a whole run config too")
         if config.vocab_size is None:
             raise ConfigError("model.vocab_size is unset: set it, or let train.py take it from the tokenizer")
-        check_fits(config)  # before any allocation; meta-device skeletons are not checked
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        # Given its weight, nn.Embedding skips its own N(0, 1) init: the init pass draws the weights.
+        self.embed = nn.Embedding(config.vocab_size, config.d_model,
+                                  _weight=torch.empty(config.vocab_size, config.d_model))
         self.blocks = nn.ModuleList(Block(config, config.context(i)) for i in range(config.n_layers))
         self.norm = registry.build("norm", config.norm.type, config.norm.options, config.context(config.n_layers))
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.head.weight = self.embed.weight
+        self.tie_weights()
         self.mtp = MultiTokenPrediction(config) if config.mtp is not None else None
+
+    def tie_weights(self) -> None:
+        """Make the output head share the embedding's weight when ``config.tie_embeddings`` is set (again
+        after anything that replaced either tensor, such as ``to_empty`` or ``load_state_dict(assign=True)``)."""
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def init_own_weights(self) -> None:
+        """The embedding and an untied head from ``N(0, init_std)``; the blocks fill their own."""
+        nn.init.normal_(self.embed.weight, std=self.config.init_std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=self.config.init_std)
 
     def hidden_states(self, input_ids: torch.Tensor, aux: AuxCollector, states=None) -> torch.Tensor:
         """The final-norm input ``(B, T, d_model)``; ``states`` is a list of per-layer decoding states."""

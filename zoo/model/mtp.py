@@ -57,10 +57,14 @@ class MTPModule(nn.Module):
             self.embed_norm = registry.build("norm", norm.type, norm.options, ctx)
             self.hidden_norm = registry.build("norm", norm.type, norm.options, ctx)
             self.proj = nn.Linear(2 * model.d_model, model.d_model, bias=False)  # M_k of Eq. 21
-            nn.init.normal_(self.proj.weight, std=ctx.init_std)
         self.sequential = sequential
+        self.init_std = ctx.init_std
         self.block = Block(config, ctx, mtp.mixer or model.mixer, mtp.ffn or model.ffn)
         self.norm = registry.build("norm", norm.type, norm.options, ctx)
+
+    def init_own_weights(self) -> None:
+        if self.sequential:
+            nn.init.normal_(self.proj.weight, std=self.init_std)
 
     def forward(self, h_prev: torch.Tensor, token_embeddings: torch.Tensor | None, aux: AuxCollector,
                 state=None) -> torch.Tensor:
