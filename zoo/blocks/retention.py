@@ -11,12 +11,11 @@ xPos-style rotation, here :class:`zoo.blocks.rope.RotaryEmbedding`), ``V = X W_V
 
 The three forms of :mod:`zoo.blocks.retention_ops` compute the same function, so ``mode`` is a speed
 choice: ``parallel`` (Eq. 5, O(T^2) memory), ``chunkwise`` (Eq. 7, O(T * chunk_size)), and ``auto``
-(parallel up to ``AUTO_PARALLEL_MAX_LEN`` tokens, chunkwise beyond; measured with
-``python -m benchmarks.bench_retention``: see the constant). Keys are scaled by ``1/sqrt(Dk)``; the
+(parallel up to ``AUTO_PARALLEL_MAX_LEN`` tokens, chunkwise beyond). Keys are scaled by ``1/sqrt(Dk)``; the
 paper's further normalisations of D and of the retention scores (§2.2) are omitted: each rescales a
 head's output at each position by a positive factor, which the per-head, per-position norm undoes up to
 its eps, and leaving them out lets every form feed the norm identical values (so eps cannot break
-parallel/recurrent parity, the pitfall DESIGN §8 records).
+parallel/recurrent parity).
 
 Decoding (``forward(x, state)``): ``T == 1`` uses the recurrent form (Eq. 6), ``T > 1`` (prefill,
 speculative verification) the chunkwise form started from the state. The state holds one float32
@@ -39,10 +38,8 @@ from zoo.blocks.state import DecodingState
 from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
 
-# Longest sequence for which ``mode: auto`` uses the parallel form. Measured with
-# ``python -m benchmarks.bench_retention --threads 1`` (one mixer of the retnet-tiny shape, batch 1, bf16
-# autocast, forward + backward, shared CPU): chunkwise / parallel time 1.30x at T=128, 1.06x at 256,
-# 0.71x at 512, 0.20x at 2048, 0.043x at 8192.
+# Longest sequence for which ``mode: auto`` uses the parallel form: where chunkwise starts to win
+# (``python -m benchmarks.bench_retention`` measures the crossover; README, RetNet section, has the figures).
 AUTO_PARALLEL_MAX_LEN = 256
 
 
