@@ -21,7 +21,8 @@ from zoo.tokenizer import HFTokenizer
 from zoo.blocks.router import max_violation
 from zoo.train.metrics import moe_max_violation
 from zoo.train.module import lr_factor, param_groups
-from zoo.train.run import train
+from zoo.train.run import resolve_run, train
+from zoo.train.rundir import LOCK_FILE, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -127,7 +128,7 @@ def test_default_out_dir_then_resume_the_latest_run_or_a_checkpoint_path(tmp_pat
     common = {**TINY, "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
     first = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 2}))
     assert first.out_dir.parent == Path("runs") / "dense-tiny"  # runs/<preset>/<timestamp>
-    assert re.fullmatch(r"\d{8}-\d{6}", first.out_dir.name)
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{6}", first.out_dir.name)
 
     latest = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 4, "train.resume": True}))
     assert latest.out_dir == first.out_dir and latest.steps == 4
@@ -135,6 +136,56 @@ def test_default_out_dir_then_resume_the_latest_run_or_a_checkpoint_path(tmp_pat
     by_path = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 6, "train.resume": str(checkpoint)}))
     assert by_path.out_dir == first.out_dir and by_path.steps == 6
     assert sorted(column(read_metrics(first.out_dir), "train/loss")) == list(range(1, 7))  # one continuous log
+
+
+def test_default_run_dirs_are_unique_within_a_second(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = zoo.load_config("dense-tiny", TINY)
+    dirs = {resolve_run(config)[0].train.out_dir for _ in range(20)}
+    assert len(dirs) == 20 and all(Path(d).is_dir() for d in dirs)
+
+
+def _fake_run(out_dir: Path) -> None:
+    (out_dir / "checkpoints").mkdir(parents=True)
+    (out_dir / "checkpoints" / "last.ckpt").write_bytes(b"old checkpoint")
+    (out_dir / "metrics.csv").write_text("step,train/loss\n1,5.0\n")
+
+
+def test_new_run_refuses_a_directory_holding_another_run_unless_told(tmp_path, monkeypatch):
+    _fake_run(tmp_path)
+    config = tiny_config(tmp_path, **{"train.max_steps": 1, "train.val_check_interval": 1, "train.sample_tokens": 0})
+    with pytest.raises(ConfigError, match=r"(?s)holds another run.*train\.resume=true.*train\.overwrite=true") as err:
+        train(config)
+    assert str(tmp_path) in str(err.value) and "checkpoints/last.ckpt, metrics.csv" in str(err.value)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"old checkpoint"
+    with pytest.raises(ConfigError, match="contradict"):
+        tiny_config(tmp_path, **{"train.overwrite": True, "train.resume": True})
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's DDP re-launched into the run's directory
+    monkeypatch.setenv("ZOO_RUN_DIR", str(tmp_path))
+    assert resolve_run(config)[0].train.out_dir == str(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK")
+
+    result = train(tiny_config(tmp_path, **{"train.max_steps": 1, "train.val_check_interval": 1,
+                                            "train.sample_tokens": 0, "train.overwrite": True}))
+    assert result.steps == 1 and sorted(column(read_metrics(tmp_path), "train/loss")) == [1]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert not (tmp_path / LOCK_FILE).exists()  # released at the end
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(f"{sleeper.pid}\n")
+        config = tiny_config(tmp_path, **{"train.max_steps": 1})
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {sleeper.pid}"):
+            train(config)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with RunLock(tmp_path) as lock:  # the holder is gone: a stale lock
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not lock.path.exists()
 
 
 def test_bpe_run_sizes_the_model_and_its_tokenizer_json_trains_the_next_run(tmp_path):

@@ -76,7 +76,8 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between train/* metric rows
     sample_tokens: int = 200  # length of the sample generated at the end (0: none)
     out_dir: str | None = None
-    resume: bool | str = False
+    resume: bool | str = False  # true: continue out_dir's (or the latest default run's) last.ckpt; or a path
+    overwrite: bool = False  # start afresh in an out_dir that holds another run, deleting its checkpoint and metrics
     skip_nonfinite: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -250,6 +251,9 @@ def _validate_train(train: TrainConfig) -> None:
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose one "
                           f"of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
+    if train.overwrite and train.resume is not False:
+        raise ConfigError(f"train.overwrite=true and train.resume={train.resume!r} contradict each other: "
+                          "resume continues the run in train.out_dir, overwrite replaces it")
     _validate_trainer(train.trainer)
 
 

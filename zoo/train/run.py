@@ -14,7 +14,6 @@ import importlib.util
 import math
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +29,7 @@ from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
 from zoo.train.module import ZooLightningModule
 from zoo.train.plots import plot_expert_load, plot_losses
+from zoo.train.rundir import RunLock, check_reusable, clear_outputs, new_run_dir
 
 _RUN_DIR_ENV = "ZOO_RUN_DIR"  # hands the resolved out_dir to the processes Lightning's DDP re-launches
 
@@ -47,8 +47,10 @@ class TrainResult:
 
 def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
     """``(config with train.out_dir resolved, checkpoint to resume from or None)``; ``config`` itself is
-    unchanged. Raises ConfigError for a resume request without a checkpoint, before anything is allocated.
-    The resolved directory is handed to the processes Lightning's DDP re-launches through the environment."""
+    unchanged. Raises ConfigError, before anything is allocated, for a resume request without a checkpoint
+    and for a new run into a directory holding another run (unless ``train.overwrite``). An unset out_dir is
+    a new directory ``runs/<preset>/<%Y%m%d-%H%M%S-%f>``. The resolved directory is handed to the processes
+    Lightning's DDP re-launches through the environment; they reuse it unchecked."""
     train = config.train
     out_dir, resume_path = train.out_dir, None
     if isinstance(train.resume, str):
@@ -64,16 +66,23 @@ def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
                 raise ConfigError(f"train.resume=true: no run with checkpoints/last.ckpt under {base}/; "
                                   "set train.out_dir or give train.resume a checkpoint path")
             out_dir = str(previous[-1])
-        elif os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
-            out_dir = os.environ[_RUN_DIR_ENV]  # a process re-launched by Lightning's DDP
+        elif _relaunched():
+            out_dir = os.environ[_RUN_DIR_ENV]
         else:
-            out_dir = str(base / datetime.now().strftime("%Y%m%d-%H%M%S"))
+            out_dir = str(new_run_dir(base))
+    if not _relaunched():
+        check_reusable(Path(out_dir), train.resume, train.overwrite)
     os.environ[_RUN_DIR_ENV] = out_dir
     if train.resume is True:
         resume_path = Path(out_dir) / "checkpoints" / "last.ckpt"
         if not resume_path.is_file():
             raise ConfigError(f"train.resume=true: {resume_path} does not exist")
     return replace(config, train=replace(train, out_dir=out_dir)), resume_path
+
+
+def _relaunched() -> bool:
+    """Whether this is a process Lightning's DDP (or a launcher such as torchrun) started beside rank 0."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
 def check_config(config: ZooConfig) -> None:
@@ -88,6 +97,15 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
     ``config`` is not changed; ``result.config`` is the resolved one the run used."""
     check_config(config)
     config, resume_path = resolve_run(config)
+    if _relaunched():
+        return _train(config, resume_path, callbacks)
+    with RunLock(Path(config.train.out_dir)):
+        if config.train.overwrite:
+            clear_outputs(Path(config.train.out_dir))
+        return _train(config, resume_path, callbacks)
+
+
+def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResult:
     out_dir = Path(config.train.out_dir)
     train_cfg = config.train
     L.seed_everything(train_cfg.seed, verbose=False)
