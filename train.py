@@ -12,6 +12,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # a non-finite loss or weights; the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 130 if result.interrupted else 0
+    if not result.interrupted:
+        return 0
+    return 128 + (result.stop_signal or signal.SIGINT)  # the shell's code for death by that signal: 130, 143
 
 
 if __name__ == "__main__":

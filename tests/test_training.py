@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,38 @@ def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
     a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+
+
+def _train_py(out_dir: Path, **overrides) -> list[str]:
+    """The ``train.py`` command line of a tiny run into ``out_dir``."""
+    settings = {**TINY, "train.out_dir": out_dir, **overrides}
+    return [sys.executable, str(ROOT / "train.py"), "--config", "dense-tiny", "model.vocab_size=null",
+            *(f"{k}={_flow(v) if isinstance(v, dict) else v}" for k, v in settings.items() if k != "model.vocab_size")]
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (code {proc.returncode}) or timed out before the condition: {err[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path):
+    proc = subprocess.Popen(_train_py(tmp_path, **{"train.max_steps": 100_000, "train.checkpoint_every": 1,
+                                                   "train.val_check_interval": 100_000}),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    _wait_for(checkpoint.is_file, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: finishing this step" in out
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 1 <= step < 100_000 and f"stopped at step {step}" in out
+    assert not (tmp_path / "final").exists() and not list(checkpoint.parent.glob(".last.ckpt.tmp-*"))
 
 
 def _flow(mapping: dict) -> str:

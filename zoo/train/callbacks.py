@@ -16,16 +16,21 @@ from lightning.pytorch.loggers import CSVLogger
 
 class RunControl(Callback):
     """Step-boundary actions: atomic ``last.ckpt`` every ``checkpoint_every`` steps and at the end, the stop
-    at ``max_steps`` (so that a validation runs there), and Ctrl-C: the first one finishes the current
-    step, saves a checkpoint and stops; a second one aborts at once."""
+    at ``max_steps`` (so that a validation runs there), and stop signals: the first Ctrl-C (SIGINT) or
+    SIGTERM (what ``kill``, schedulers and container runtimes send) finishes the current step, saves a
+    checkpoint and stops; a second one of the same signal gets its previous handler (Ctrl-C aborts at once).
+    ``stop_signal`` is the signal that stopped the run."""
+
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, checkpoint_dir: Path, checkpoint_every: int, max_steps: int):
         self.checkpoint_dir = Path(checkpoint_dir)
         self.checkpoint_every = checkpoint_every
         self.max_steps = max_steps
         self.interrupted = False
+        self.stop_signal: int | None = None
         self._stop_requested = False
-        self._previous_handler = None
+        self._previous_handlers: dict[int, object] = {}
         self._last_step = None
 
     @property
@@ -36,20 +41,28 @@ class RunControl(Callback):
         """What Ctrl-C does: checkpoint and stop after the current optimizer step."""
         self._stop_requested = True
 
-    def _on_sigint(self, signum, frame) -> None:
-        print("\nCtrl-C: finishing this step, saving a checkpoint, then stopping (Ctrl-C again aborts)", flush=True)
-        signal.signal(signal.SIGINT, self._previous_handler or signal.default_int_handler)
+    def _on_signal(self, signum, frame) -> None:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C again aborts" if signum == signal.SIGINT else f"a second {name} is not caught"
+        print(f"\n{name}: finishing this step, saving a checkpoint, then stopping ({again})", flush=True)
+        previous = self._previous_handlers.pop(signum, None)
+        if signum == signal.SIGINT and previous in (None, signal.SIG_DFL):
+            previous = signal.default_int_handler  # the second Ctrl-C raises KeyboardInterrupt
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self.stop_signal = self.stop_signal or signum
         self.request_stop()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            for signum in self.STOP_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _restore_handler(self) -> None:
-        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous_handlers.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous_handlers = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handler()

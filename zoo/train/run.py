@@ -39,10 +39,11 @@ class TrainResult:
     out_dir: Path
     steps: int
     val_loss: float | None  # the last validation's
-    interrupted: bool  # stopped by Ctrl-C (a checkpoint was saved, no export)
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved, no export)
     sample: str | None
     module: ZooLightningModule
     config: ZooConfig  # the resolved config the run used (out_dir and vocab_size filled in)
+    stop_signal: int | None = None  # the signal that interrupted it (signal.SIGINT or signal.SIGTERM), if any
 
 
 def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
@@ -129,7 +130,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
 
     steps = trainer.global_step
     val_loss = module.val_history[-1][1] if module.val_history else None
-    result = TrainResult(out_dir, steps, val_loss, control.interrupted, None, module, config)
+    result = TrainResult(out_dir, steps, val_loss, control.interrupted, None, module, config, control.stop_signal)
     if not trainer.is_global_zero:
         return result
     plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
