@@ -1,6 +1,7 @@
 """Training: a tiny end-to-end run, exact resume, non-finite losses, DDP on CPU, the train.py CLI."""
 
 import csv
+import errno
 import importlib.util
 import math
 import os
@@ -22,6 +23,7 @@ from zoo.tokenizer import HFTokenizer
 from zoo.blocks.router import max_violation
 from zoo.train.metrics import moe_max_violation
 from zoo.train.module import lr_factor, param_groups
+from zoo.train.callbacks import ResumableCSVLogger
 from zoo.train.run import resolve_run, train
 from zoo.train.rundir import LOCK_FILE, RunLock
 
@@ -299,6 +301,63 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path):
     step = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 1 <= step < 100_000 and f"stopped at step {step}" in out
     assert not (tmp_path / "final").exists() and not list(checkpoint.parent.glob(".last.ckpt.tmp-*"))
+
+
+_CHILD = """
+import os, resource, signal, sys
+from lightning.pytorch.callbacks import Callback
+import zoo
+from test_training import TINY
+from zoo.train.run import train
+
+class AtStep(Callback):
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.action()
+
+def limit_file_size(limit):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+"""
+
+
+def _run_child(script: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Runs ``script`` after :data:`_CHILD`'s imports in a fresh interpreter (this module importable)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-c", _CHILD + script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_metric_rows_survive_a_hard_kill_and_the_resume_keeps_them(tmp_path):
+    overrides = {"train.max_steps": 100, "train.checkpoint_every": 2, "train.val_check_interval": 100}
+    proc = _run_child(f"""
+config = zoo.load_config("dense-tiny", {{**TINY, "train.out_dir": {str(tmp_path)!r}, **{overrides!r}}})
+train(config, callbacks=[AtStep(5, lambda: os.kill(os.getpid(), signal.SIGKILL))])  # killed before step 6
+""")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(column(read_metrics(tmp_path), "train/loss")) == [1, 2, 3, 4, 5]  # each row on disk when logged
+    assert (tmp_path / LOCK_FILE).is_file()  # the dead run's lock: taken over by the resume
+
+    resumed = train(tiny_config(tmp_path, **{**overrides, "train.max_steps": 6, "train.val_check_interval": 6,
+                                              "train.sample_tokens": 0, "train.resume": True}))
+    assert resumed.steps == 6
+    assert sorted(column(read_metrics(tmp_path), "train/loss")) == [1, 2, 3, 4, 5, 6]  # 5 again, from step 4's state
+
+
+def test_failed_metrics_rewrite_keeps_the_history(tmp_path, monkeypatch):
+    history = "step,train/loss\n1,5.0\n2,4.0\n3,3.0\n"
+    (tmp_path / "metrics.csv").write_text(history)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        ResumableCSVLogger(tmp_path, keep_until_step=2).experiment
+    assert (tmp_path / "metrics.csv").read_text() == history and sorted(os.listdir(tmp_path)) == ["metrics.csv"]
 
 
 def _flow(mapping: dict) -> str:

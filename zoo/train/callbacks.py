@@ -6,12 +6,12 @@ import csv
 import os
 import signal
 import threading
-import warnings
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 class RunControl(Callback):
@@ -100,11 +100,13 @@ class RunControl(Callback):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that an existing ``metrics.csv`` is kept (rows up to ``keep_until_step``)
-    instead of deleted, so that a resumed run continues the same file."""
+    """Lightning's CSVLogger, except that each row reaches ``metrics.csv`` when it is logged (a run killed
+    hard keeps every row it logged), an existing file is kept (rows up to ``keep_until_step``) instead of
+    deleted, so that a resumed run continues it, and the file is only ever rewritten atomically (a temporary
+    file renamed over it), so that a failure or a kill mid-rewrite leaves the old history whole."""
 
     def __init__(self, save_dir: Path, keep_until_step: int | None):
-        super().__init__(save_dir, name="", version="")
+        super().__init__(save_dir, name="", version="", flush_logs_every_n_steps=1)
         self._keep_until_step = keep_until_step
 
     @property
@@ -113,19 +115,48 @@ class ResumableCSVLogger(CSVLogger):
             return self._experiment
         path = Path(self.log_dir) / "metrics.csv"
         rows, keys = [], []
-        if self._keep_until_step is not None and path.is_file():
-            with path.open(newline="") as f:
-                reader = csv.DictReader(f)
-                keys = list(reader.fieldnames or [])
-                rows = [r for r in reader if r.get("step") and int(float(r["step"])) <= self._keep_until_step]
-            path.unlink()
-        with warnings.catch_warnings():  # its warning that it deletes metrics.csv: it no longer exists
-            warnings.filterwarnings("ignore", message="Experiment logs directory")
-            experiment = super().experiment
+        if path.is_file():
+            if self._keep_until_step is not None:
+                with path.open(newline="") as f:
+                    reader = csv.DictReader(f)
+                    keys = list(reader.fieldnames or [])
+                    rows = [r for r in reader if r.get("step") and int(float(r["step"])) <= self._keep_until_step]
+            if rows:
+                write_csv_atomically(path, keys, rows)
+            else:
+                path.unlink()
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        self._experiment = _AtomicExperimentWriter(self.log_dir)
         if rows:
-            experiment.metrics_keys = sorted(keys)
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=experiment.metrics_keys)
-                writer.writeheader()
-                writer.writerows(rows)
-        return experiment
+            self._experiment.metrics_keys = sorted(keys)
+        return self._experiment
+
+
+class _AtomicExperimentWriter(ExperimentWriter):
+    """Lightning's metrics writer, rewriting the file atomically when new columns appear, and never deleting
+    it (:class:`ResumableCSVLogger` decides what an existing file keeps)."""
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        write_csv_atomically(Path(self.metrics_file_path), fieldnames, rows)
+
+
+def write_csv_atomically(path: Path, fieldnames: list[str], rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` through a temporary file, fsynced and renamed over it; on failure the
+    temporary file is removed and ``path`` is untouched."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
