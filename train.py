@@ -12,6 +12,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 
@@ -44,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FloatingPointError as err:  # a non-finite loss or weights; the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # a full disk or a file-size limit; the last checkpoint is kept
         return 1
     if not result.interrupted:
         return 0

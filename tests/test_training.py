@@ -360,6 +360,25 @@ def test_failed_metrics_rewrite_keeps_the_history(tmp_path, monkeypatch):
     assert (tmp_path / "metrics.csv").read_text() == history and sorted(os.listdir(tmp_path)) == ["metrics.csv"]
 
 
+def test_full_disk_at_a_checkpoint_removes_the_partial_file_and_says_what_was_needed(tmp_path):
+    overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.val_check_interval": 100}
+    proc = _run_child(f"""
+config = zoo.load_config("dense-tiny", {{**TINY, "train.out_dir": {str(tmp_path)!r}, **{overrides!r}}})
+try:
+    train(config, callbacks=[AtStep(0, lambda: limit_file_size(50_000))])  # ~200 kB checkpoints
+except OSError as err:
+    print(f"ERROR {{err.errno}}: {{err}}")
+    sys.exit(3)
+""")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    message = proc.stdout[proc.stdout.index("ERROR"):]
+    assert f"ERROR {errno.EFBIG}:" in message and "step-2 checkpoint" in message and ".last.ckpt.tmp-" in message
+    needed = int(re.search(r"needs about ([\d,]+) bytes", message).group(1).replace(",", ""))
+    assert needed > 50_000 and "keeps the previous state" in message
+    assert os.listdir(tmp_path / "checkpoints") == []  # no partial file
+    assert sorted(column(read_metrics(tmp_path), "train/loss")) == [1]  # step 2's row comes after its checkpoint
+
+
 def _flow(mapping: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -93,10 +94,33 @@ class RunControl(Callback):
             raise FloatingPointError(f"non-finite weights at step {trainer.global_step}; "
                                      f"{self.last_checkpoint} keeps the last good state")
         tmp = self.checkpoint_dir / f".last.ckpt.tmp-{os.getpid()}"
-        trainer.save_checkpoint(tmp, weights_only=False)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)
+        except OSError as err:
+            written = tmp.stat().st_size if tmp.exists() else 0
+            tmp.unlink(missing_ok=True)
+            needed = _tensor_bytes([trainer.lightning_module.state_dict(),
+                                    *(optimizer.state_dict() for optimizer in trainer.optimizers)])
+            free = shutil.disk_usage(self.checkpoint_dir).free
+            partial = f"; {written:,} bytes were written before the failure" if written else ""
+            raise OSError(err.errno, f"could not write the step-{trainer.global_step} checkpoint {str(tmp)!r} "
+                                     f"({err.strerror}): it needs about {needed:,} bytes (weights and optimizer "
+                                     f"state) and {free:,} are free there{partial}; no partial file is left and "
+                                     f"{str(self.last_checkpoint)!r} keeps the previous state") from err
         if trainer.is_global_zero:
             os.replace(tmp, self.last_checkpoint)
         trainer.strategy.barrier("zoo-checkpoint")
+
+
+def _tensor_bytes(state) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples (what a checkpoint of it holds)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 class ResumableCSVLogger(CSVLogger):
