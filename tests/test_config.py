@@ -62,7 +62,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
     (["model.layers.1.mixer.n_heads=5"], r"model.layers.1.mixer: n_heads=5 does not divide model.d_model=256"),
     (["model.n_layers"], r"not of the form dotted.key=value"),
     (["train.precision=bf17"], r"train.precision: 'bf17' is not a Lightning precision \(did you mean bf16[^)]*\); "
-                               r"choose one of bf16-mixed, bf16-true, 16-mixed, 16-true, 32-true, 64-true"),
+                               r"choose auto or one of bf16-mixed, bf16-true, 16-mixed, 16-true, 32-true, 64-true"),
     (["train.trainer.strategy=bogus"], r"train.trainer.strategy: 'bogus' is not a Lightning strategy; "
                                        r"registered: auto, ddp, .*ddp_spawn.*deepspeed.*fsdp"),
     (["train.trainer.accelerator=cdua"], r"train.trainer.accelerator: 'cdua' is not a Lightning accelerator "

@@ -24,6 +24,7 @@ from zoo.blocks.router import max_violation
 from zoo.train.metrics import moe_max_violation
 from zoo.train.module import lr_factor, param_groups
 from zoo.train.callbacks import ResumableCSVLogger
+from zoo.train.precision import cpu_bf16_flags, resolve_precision
 from zoo.train.run import resolve_run, train
 from zoo.train.rundir import LOCK_FILE, RunLock
 
@@ -509,6 +510,30 @@ def test_default_precision_clips_gradients_with_the_fused_optimizer(tmp_path):
     result = train(config)
     optimizer = result.module.optimizers().optimizer
     assert optimizer.defaults["fused"] and result.steps == 3 and math.isfinite(result.val_loss)
+
+
+@pytest.mark.parametrize("cpuinfo, flags", [
+    ("flags\t\t: fpu sse avx512f avx512bw\n", []),  # AVX-512 without BF16: emulated, so float32
+    ("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n", ["avx512_bf16", "amx_bf16"]),
+    ("Features\t: fp asimd sve bf16 i8mm\n", ["bf16"]),  # Arm
+    ("", []),
+])
+def test_native_bf16_cpu_flags(cpuinfo, flags):
+    assert cpu_bf16_flags(cpuinfo) == flags
+
+
+def test_auto_precision_is_resolved_printed_and_recorded(tmp_path, capsys):
+    config = tiny_config(tmp_path, **{"train.precision": "auto", "train.max_steps": 1, "train.val_check_interval": 1,
+                                      "train.sample_tokens": 0})
+    assert zoo.load_config("dense-tiny").train.precision == "auto"  # the default
+    expected, why = resolve_precision("auto", config.train.trainer.accelerator)
+    assert expected in ("bf16-mixed", "32-true") and why
+    result = train(config)
+    assert result.config.train.precision == expected and config.train.precision == "auto"
+    assert f"train.precision: auto -> {expected} ({why})" in capsys.readouterr().out
+    for written in (tmp_path / "run_config.yaml", tmp_path / "final" / "run_config.yaml"):
+        assert zoo.load_config(written).train.precision == expected
+    assert resolve_precision("16-mixed") == ("16-mixed", "as configured")
 
 
 def test_moe_layers_with_different_expert_counts(tmp_path):

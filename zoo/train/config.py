@@ -81,7 +81,8 @@ class TrainConfig:
     skip_nonfinite: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    precision: str | int = "bf16-mixed"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS)
+    precision: str | int = "auto"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS), or auto: bf16-mixed
+    #                                where the hardware has native bf16, else 32-true (zoo.train.precision)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     objective: BlockSpec = block_field("objective", "causal_lm")  # what a training step optimises
 
@@ -246,11 +247,11 @@ def _validate_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.schedule.warmup_steps must be >= 0, got {train.schedule.warmup_steps}")
     if not 0.0 <= train.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.schedule.min_lr_ratio must be in [0, 1], got {train.schedule.min_lr_ratio}")
-    if train.precision not in LIGHTNING_PRECISIONS:
-        close = difflib.get_close_matches(str(train.precision), [str(p) for p in LIGHTNING_PRECISIONS], n=2)
+    if train.precision not in ("auto", *LIGHTNING_PRECISIONS):
+        close = difflib.get_close_matches(str(train.precision), ["auto", *map(str, LIGHTNING_PRECISIONS)], n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose one "
-                          f"of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
+        raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose auto "
+                          f"or one of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
     if train.overwrite and train.resume is not False:
         raise ConfigError(f"train.overwrite=true and train.resume={train.resume!r} contradict each other: "
                           "resume continues the run in train.out_dir, overwrite replaces it")

@@ -1,11 +1,11 @@
 """``train(config)``: a whole training job.
 
-Tokenizer and token caches, the model (``vocab_size`` following the tokenizer when unset), ``lightning.Trainer``
-(``train.trainer.*`` passes through: devices, strategy, ...), resumable checkpoints at
+The resolved config as ``out_dir/run_config.yaml``, tokenizer and token caches, the model (``vocab_size``
+following the tokenizer when unset), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices, strategy, ...), resumable checkpoints at
 ``out_dir/checkpoints/last.ckpt``, then the export to ``out_dir/final`` (``save_pretrained`` with
 ``tokenizer.json`` and the run's config as ``run_config.yaml``), ``loss.png`` (and ``expert_load.png`` for
 MoE models) and a generated sample. The caller's config is never changed: the resolved one (``out_dir``,
-``vocab_size``) is a new object, returned in the result.
+``vocab_size``, ``precision`` chosen for ``auto``) is a new object, returned in the result and written.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
 from zoo.train.module import ZooLightningModule
+from zoo.train.precision import resolve_precision
 from zoo.train.plots import plot_expert_load, plot_losses
 from zoo.train.rundir import RunLock, check_reusable, clear_outputs, new_run_dir
 
@@ -42,7 +43,7 @@ class TrainResult:
     interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved, no export)
     sample: str | None
     module: ZooLightningModule
-    config: ZooConfig  # the resolved config the run used (out_dir and vocab_size filled in)
+    config: ZooConfig  # the resolved config the run used (out_dir, vocab_size and precision filled in)
     stop_signal: int | None = None  # the signal that interrupted it (signal.SIGINT or signal.SIGTERM), if any
 
 
@@ -107,6 +108,11 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
 
 
 def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResult:
+    precision, why = resolve_precision(config.train.precision, config.train.trainer.accelerator)
+    if precision != config.train.precision:
+        config = replace(config, train=replace(config.train, precision=precision))
+        if not _relaunched():
+            print(f"train.precision: auto -> {precision} ({why})", flush=True)
     out_dir = Path(config.train.out_dir)
     train_cfg = config.train
     L.seed_everything(train_cfg.seed, verbose=False)
@@ -117,6 +123,9 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     elif config.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} ids; leave it unset to follow the tokenizer")
+    if not _relaunched():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.yaml").write_text(config.to_yaml())
     module = ZooLightningModule(config)
 
     resume_step = _checkpoint_step(resume_path) if resume_path is not None else None
