@@ -21,7 +21,7 @@ import zoo
 from zoo.errors import ConfigError
 from zoo.tokenizer import HFTokenizer
 from zoo.blocks.router import max_violation
-from zoo.train.metrics import moe_max_violation
+from zoo.train.metrics import moe_max_violation, perplexity
 from zoo.train.module import lr_factor, param_groups
 from zoo.train.callbacks import ResumableCSVLogger
 from zoo.train.precision import cpu_bf16_flags, resolve_precision
@@ -407,6 +407,11 @@ def test_cli_print_config_and_bad_override(capsys):
 def test_vocab_smaller_than_tokenizer_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         train(tiny_config(tmp_path, **{"model.vocab_size": 200}))
+
+
+def test_perplexity_of_a_huge_loss_is_inf_not_an_overflow():
+    assert perplexity(1.0) == pytest.approx(math.e) and perplexity(709.0) == pytest.approx(math.exp(709.0))
+    assert perplexity(710.0) == math.inf and perplexity(1e6) == math.inf and f"{perplexity(800.0):.2f}" == "inf"
 
 
 def test_schedule_groups_and_maxvio():

@@ -23,7 +23,8 @@ from zoo import registry
 from zoo.blocks.norm import RMSNorm
 from zoo.model import build_model
 from zoo.train.config import OptimizerConfig, ZooConfig
-from zoo.train.metrics import add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation
+from zoo.train.metrics import (add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation,
+                               perplexity)
 from zoo.train.objectives import build_objective
 
 
@@ -205,7 +206,7 @@ class ZooLightningModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = all_reduce_sum(self._val_sums)
         val_loss = (sums[0] / sums[1]).item()
-        metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 80.0))}
+        metrics = {"val/loss": val_loss, "val/ppl": perplexity(val_loss)}
         if self._val_counts is not None:
             counts = all_reduce_counts(self._val_counts)
             metrics["val/maxvio"] = moe_max_violation(counts)

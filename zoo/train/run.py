@@ -11,7 +11,6 @@ MoE models) and a generated sample. The caller's config is never changed: the re
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from zoo.errors import ConfigError
 from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
+from zoo.train.metrics import perplexity
 from zoo.train.module import ZooLightningModule
 from zoo.train.precision import resolve_precision
 from zoo.train.plots import plot_expert_load, plot_losses
@@ -161,7 +161,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
                                         train_cfg.seed)
         print(f"--- sample (step {steps}) ---\n{result.sample}\n---")
     if val_loss is not None:
-        print(f"final validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}) at step {steps}; "
+        print(f"final validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) at step {steps}; "
               f"model in {out_dir / 'final'}")
     return result
 
