@@ -243,6 +243,35 @@ def test_nonfinite_loss_skipped_when_asked(tmp_path):
     assert all(torch.isfinite(p).all() for p in result.module.model.parameters())
 
 
+class _NaNGradientAt(Callback):
+    """Makes one gradient NaN, the loss staying finite, at each optimizer step in ``steps``."""
+
+    def __init__(self, *steps):
+        self.steps = steps
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 in self.steps:
+            next(p for p in pl_module.model.parameters() if p.grad is not None).grad[0] = float("nan")
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops_or_is_skipped(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite gradients at step 3 .the loss was finite"):
+        train(tiny_config(tmp_path / "stop", **{"train.max_steps": 5}), callbacks=[_NaNGradientAt(3)])
+    result = train(tiny_config(tmp_path / "skip", **{"train.max_steps": 5, "train.skip_nonfinite": True}),
+                   callbacks=[_NaNGradientAt(3)])
+    assert result.steps == 5 and result.module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in result.module.model.parameters())
+
+
+def test_too_many_skipped_steps_stop_the_run(tmp_path):
+    config = tiny_config(tmp_path, **{"train.max_steps": 8, "train.skip_nonfinite": True,
+                                      "train.max_skipped_fraction": 0.2})
+    with pytest.raises(FloatingPointError, match=r"2 of the first 3 steps were skipped .* train.max_skipped_fraction=0.2;"):
+        train(config, callbacks=[_NaNGradientAt(2), _NaNLossAt(3)])
+    with pytest.raises(ConfigError, match=r"train.max_skipped_fraction must be in \[0, 1\], got 1.5"):
+        tiny_config(tmp_path, **{"train.max_skipped_fraction": 1.5})
+
+
 def test_skipped_batch_leaves_no_counts_for_the_next_update(tmp_path, counting_ffn):
     config = tiny_config(tmp_path, **{"model.ffn": {"type": counting_ffn, "n_experts": 4}, "train.max_steps": 4,
                                       "train.val_check_interval": 4, "train.skip_nonfinite": True})

@@ -78,7 +78,8 @@ class TrainConfig:
     out_dir: str | None = None
     resume: bool | str = False  # true: continue out_dir's (or the latest default run's) last.ckpt; or a path
     overwrite: bool = False  # start afresh in an out_dir that holds another run, deleting its checkpoint and metrics
-    skip_nonfinite: bool = False
+    skip_nonfinite: bool = False  # skip a step whose loss or gradients are not finite, instead of stopping
+    max_skipped_fraction: float = 0.1  # skip_nonfinite: stop once more than this share of the steps (and > 1) were skipped
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: str | int = "auto"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS), or auto: bf16-mixed
@@ -252,6 +253,8 @@ def _validate_train(train: TrainConfig) -> None:
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose auto "
                           f"or one of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
+    if not 0.0 <= train.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"train.max_skipped_fraction must be in [0, 1], got {train.max_skipped_fraction}")
     if train.overwrite and train.resume is not False:
         raise ConfigError(f"train.overwrite=true and train.resume={train.resume!r} contradict each other: "
                           "resume continues the run in train.out_dir, overwrite replaces it")

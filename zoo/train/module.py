@@ -138,6 +138,38 @@ class ZooLightningModule(L.LightningModule):
         self._add_step_sums(out)
         return out.loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Refuse (or, with ``skip_nonfinite``, skip) an update whose gradients are not finite although its loss
+        was: every gradient is dropped, so the optimizer step changes nothing."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16's GradScaler skips the steps with non-finite gradients itself
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:  # a batch skipped for its loss
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # sharded gradients: all agree
+        if bool(finite):
+            return
+        step = self.global_step + 1
+        if not self.config.train.skip_nonfinite:
+            raise FloatingPointError(
+                f"non-finite gradients at step {step} (the loss was finite); the last good checkpoint is kept. "
+                "Lower train.optimizer.lr, or set train.skip_nonfinite=true to skip such steps")
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        self.print(f"step {step}: non-finite gradients, update skipped")
+
+    def _check_skipped(self, step: int) -> None:
+        """Stop once more than ``train.max_skipped_fraction`` of the steps so far were skipped (one always may)."""
+        limit = self.config.train.max_skipped_fraction
+        if self.skipped_steps > max(1.0, limit * step):
+            raise FloatingPointError(
+                f"{self.skipped_steps} of the first {step} steps were skipped for non-finite losses or gradients, "
+                f"more than train.max_skipped_fraction={limit}; the last good checkpoint is kept. Lower "
+                "train.optimizer.lr, or raise train.max_skipped_fraction")
+
     def _add_step_sums(self, out) -> None:
         for name, value in out.metrics.items():
             self._step_sums[name] = self._step_sums.get(name, 0) + value.detach().float()
@@ -159,6 +191,8 @@ class ZooLightningModule(L.LightningModule):
         if step == self._last_step:
             return  # inside an accumulated batch
         self._last_step = step
+        if self.skipped_steps:
+            self._check_skipped(step)
         now = time.perf_counter()
         self._busy_seconds += now - self._clock
         self._clock = now
