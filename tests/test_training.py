@@ -192,6 +192,19 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     assert not lock.path.exists()
 
 
+def test_resume_names_changed_keys_and_refuses_another_model_shape(tmp_path, capsys):
+    common = {"train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
+    train(tiny_config(tmp_path, **common, **{"train.max_steps": 2}))
+    capsys.readouterr()
+    resume = {**common, "train.resume": True, "train.max_steps": 3}
+    with pytest.raises(ConfigError, match=r"other shapes .*model.d_model: 32 in the checkpoint, 48 now.*tensors: "):
+        train(tiny_config(tmp_path, **resume, **{"model.d_model": 48}))
+    result = train(tiny_config(tmp_path, **resume, **{"train.optimizer.lr": 1e-3}))
+    assert result.steps == 3
+    out = capsys.readouterr().out
+    assert "config keys changed since it was saved: train.max_steps: 2 -> 3; train.optimizer.lr: 0.003 -> 0.001" in out
+
+
 def test_bpe_run_sizes_the_model_and_its_tokenizer_json_trains_the_next_run(tmp_path):
     bpe = {"train.data.tokenizer": "bpe", "train.data.bpe_vocab_size": 300, "train.max_steps": 2,
            "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}

@@ -128,7 +128,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
         (out_dir / "run_config.yaml").write_text(config.to_yaml())
     module = ZooLightningModule(config)
 
-    resume_step = _checkpoint_step(resume_path) if resume_path is not None else None
+    resume_step = _check_resume(resume_path, config, module) if resume_path is not None else None
     loggers = [ResumableCSVLogger(out_dir, keep_until_step=resume_step)]
     if _tensorboard_available():
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
@@ -180,9 +180,40 @@ def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks
         default_root_dir=out_dir)
 
 
-def _checkpoint_step(path: Path) -> int:
+# Keys that differ between a run and the checkpoint it resumes by their nature.
+_RESUME_KEYS = ("train.resume", "train.out_dir", "train.overwrite")
+
+
+def _check_resume(path: Path, config: ZooConfig, module: ZooLightningModule) -> int:
+    """The step of checkpoint ``path``, after printing which config keys differ from those it was saved with;
+    ConfigError naming the differing ``model.*`` keys when its tensors do not fit ``module``'s shapes."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    stored = checkpoint.get("zoo", {}).get("config")
+    changed = {} if stored is None else {key: values for key, values in _differences(stored, config.to_dict()).items()
+                                         if key not in _RESUME_KEYS}
+    saved = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
+    current = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    if saved != current:
+        model_keys = [f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items()
+                      if key.startswith("model.")]
+        tensors = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+        raise ConfigError(f"train.resume: {str(path)!r} holds a model of other shapes than this config's "
+                          f"({'; '.join(model_keys) or 'no model key differs'}; tensors: {', '.join(tensors[:5])}"
+                          f"{' ...' if len(tensors) > 5 else ''}); resume with the model keys it was saved with")
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        print(f"resuming {path} with config keys changed since it was saved: {listed}", flush=True)
     return int(checkpoint["global_step"])
+
+
+def _differences(old, new, prefix: str = "") -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` for the leaves of two nested dicts that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = {}
+        for key in [*old, *(k for k in new if k not in old)]:
+            out.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def _tensorboard_available() -> bool:
