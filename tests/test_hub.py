@@ -77,8 +77,8 @@ def _sharded_with_shard_name(tmp_path, name: str) -> Path:
     return tmp_path / "ckpt"
 
 
-@pytest.mark.parametrize("name", ["../outside/ckpt/model.safetensors", "ABSOLUTE", "x/../../outside/ckpt/model.safetensors",
-                                  "link/ckpt/model.safetensors"])
+@pytest.mark.parametrize("name", ["../outside/ckpt/model.safetensors", "ABSOLUTE",
+                                  "x/../../outside/ckpt/model.safetensors", "link/ckpt/model.safetensors"])
 def test_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path, name):
     if name == "ABSOLUTE":
         name = str(tmp_path / "outside" / "ckpt" / "model.safetensors")

@@ -279,7 +279,7 @@ def test_nonfinite_gradient_with_a_finite_loss_stops_or_is_skipped(tmp_path):
 def test_too_many_skipped_steps_stop_the_run(tmp_path):
     config = tiny_config(tmp_path, **{"train.max_steps": 8, "train.skip_nonfinite": True,
                                       "train.max_skipped_fraction": 0.2})
-    with pytest.raises(FloatingPointError, match=r"2 of the first 3 steps were skipped .* train.max_skipped_fraction=0.2;"):
+    with pytest.raises(FloatingPointError, match=r"2 of the first 3 steps were skipped .*max_skipped_fraction=0\.2;"):
         train(config, callbacks=[_NaNGradientAt(2), _NaNLossAt(3)])
     with pytest.raises(ConfigError, match=r"train.max_skipped_fraction must be in \[0, 1\], got 1.5"):
         tiny_config(tmp_path, **{"train.max_skipped_fraction": 1.5})
@@ -567,6 +567,16 @@ def test_default_precision_clips_gradients_with_the_fused_optimizer(tmp_path):
 ])
 def test_native_bf16_cpu_flags(cpuinfo, flags):
     assert cpu_bf16_flags(cpuinfo) == flags
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cuda_follows_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    picked, why = resolve_precision("auto")
+    assert picked == ("bf16-mixed" if native else "32-true") and "GPU-X" in why
+    assert resolve_precision("auto", "cpu")[1].startswith("CPU ")  # cpu asked for: the GPU is not consulted
 
 
 def test_auto_precision_is_resolved_printed_and_recorded(tmp_path, capsys):

@@ -77,9 +77,9 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the sample generated at the end (0: none)
     out_dir: str | None = None
     resume: bool | str = False  # true: continue out_dir's (or the latest default run's) last.ckpt; or a path
-    overwrite: bool = False  # start afresh in an out_dir that holds another run, deleting its checkpoint and metrics
+    overwrite: bool = False  # start afresh in an out_dir holding another run, deleting its checkpoint and metrics
     skip_nonfinite: bool = False  # skip a step whose loss or gradients are not finite, instead of stopping
-    max_skipped_fraction: float = 0.1  # skip_nonfinite: stop once more than this share of the steps (and > 1) were skipped
+    max_skipped_fraction: float = 0.1  # skip_nonfinite: stop once more than this share of steps (and >1) is skipped
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: str | int = "auto"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS), or auto: bf16-mixed

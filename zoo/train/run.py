@@ -1,11 +1,12 @@
 """``train(config)``: a whole training job.
 
 The resolved config as ``out_dir/run_config.yaml``, tokenizer and token caches, the model (``vocab_size``
-following the tokenizer when unset), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices, strategy, ...), resumable checkpoints at
-``out_dir/checkpoints/last.ckpt``, then the export to ``out_dir/final`` (``save_pretrained`` with
-``tokenizer.json`` and the run's config as ``run_config.yaml``), ``loss.png`` (and ``expert_load.png`` for
-MoE models) and a generated sample. The caller's config is never changed: the resolved one (``out_dir``,
-``vocab_size``, ``precision`` chosen for ``auto``) is a new object, returned in the result and written.
+following the tokenizer when unset), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices,
+strategy, ...), resumable checkpoints at ``out_dir/checkpoints/last.ckpt``, then the export to
+``out_dir/final`` (``save_pretrained`` with ``tokenizer.json`` and ``run_config.yaml``), ``loss.png`` (and
+``expert_load.png`` for MoE models) and a generated sample. The caller's config is never changed: the
+resolved one (``out_dir``, ``vocab_size``, the ``precision`` chosen for ``auto``) is a new object, returned
+in the result and written.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
 from zoo.train.metrics import perplexity
 from zoo.train.module import ZooLightningModule
-from zoo.train.precision import resolve_precision
 from zoo.train.plots import plot_expert_load, plot_losses
+from zoo.train.precision import resolve_precision
 from zoo.train.rundir import RunLock, check_reusable, clear_outputs, new_run_dir
 
 _RUN_DIR_ENV = "ZOO_RUN_DIR"  # hands the resolved out_dir to the processes Lightning's DDP re-launches
