@@ -12,6 +12,8 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import errno
+import signal
 import sys
 
 
@@ -44,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as err:  # a non-finite loss or weights; the last good checkpoint is kept
         print(f"error: {err}", file=sys.stderr)
         return 1
-    return 130 if result.interrupted else 0
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        print(f"error: {err}", file=sys.stderr)  # a full disk or a file-size limit; the last checkpoint is kept
+        return 1
+    if not result.interrupted:
+        return 0
+    return 128 + (result.stop_signal or signal.SIGINT)  # the shell's code for death by that signal: 130, 143
 
 
 if __name__ == "__main__":

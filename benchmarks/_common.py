@@ -73,14 +73,15 @@ def alternate(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, l
 
 
 def training_stepper(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int,
-                     **forward_kwargs) -> Callable[[], float]:
+                     bf16: bool = True, **forward_kwargs) -> Callable[[], float]:
     """A timed training step: ``run()`` does ``steps`` x (forward with ``labels=ids`` + backward + optimizer
-    step) under CPU bf16 autocast and returns tokens/s; ``run.step()`` is one untimed step. One warm-up step
-    (allocator, autocast caches, optimizer state) runs first."""
+    step) under CPU bf16 autocast (float32 throughout with ``bf16=False``) and returns tokens/s;
+    ``run.step()`` is one untimed step. One warm-up step (allocator, autocast caches, optimizer state) runs
+    first."""
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids, **forward_kwargs).loss
         loss.backward()
         optimizer.step()
@@ -97,20 +98,20 @@ def training_stepper(model: torch.nn.Module, ids: torch.Tensor, optimizer: torch
     return run
 
 
-def zoo_training_stepper(model, ids: torch.Tensor, steps: int) -> Callable[[], float]:
+def zoo_training_stepper(model, ids: torch.Tensor, steps: int, bf16: bool = True) -> Callable[[], float]:
     """:func:`training_stepper` for a zoo model as ``zoo.train`` trains it: its optimizer (AdamW groups,
     fused kernel) and its forward (``return_logits=False``: the head fused with the loss)."""
     from zoo.train.config import OptimizerConfig
     from zoo.train.module import make_optimizer
 
     optimizer = make_optimizer(model, OptimizerConfig())
-    return training_stepper(model, ids, optimizer, steps, return_logits=False)
+    return training_stepper(model, ids, optimizer, steps, bf16, return_logits=False)
 
 
-def peer_training_stepper(model, ids: torch.Tensor, steps: int) -> Callable[[], float]:
+def peer_training_stepper(model, ids: torch.Tensor, steps: int, bf16: bool = True) -> Callable[[], float]:
     """:func:`training_stepper` for a transformers model as its ``Trainer`` trains it by default
     (``optim="adamw_torch_fused"``)."""
-    return training_stepper(model, ids, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), steps)
+    return training_stepper(model, ids, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), steps, bf16)
 
 
 def summary(values: list[float]) -> dict:

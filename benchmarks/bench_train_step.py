@@ -1,9 +1,10 @@
 """Training-step throughput of zoo's dense decoder vs transformers' LlamaForCausalLM, same shapes.
 
-Forward + backward + AdamW step in bf16 autocast on CPU, each library as its trainer runs it (zoo:
-``zoo.train``'s optimizer and loss-only forward; transformers: its ``Trainer``'s default fused AdamW);
-tokens/s as medians of alternating repeats,
-and each model's fraction of the machine's measured bf16 matmul peak, counting
+Forward + backward + AdamW step on CPU in both precisions ``train.precision: auto`` chooses between,
+bf16-mixed (bf16 autocast) and 32-true, with the one auto picks on this machine; each library as its trainer
+runs it (zoo: ``zoo.train``'s optimizer and loss-only forward; transformers: its ``Trainer``'s default fused
+AdamW); tokens/s as medians of alternating repeats, and each model's fraction of the machine's measured matmul
+peak in that precision, counting
 ``6 N tokens`` (N: parameters in matmuls, the LM head included) plus attention ``12 L d T`` per token
 (PaLM, Chowdhery et al. 2022, App. B). Run from the repository root: ``python -m benchmarks.bench_train_step [--quick]``.
 """
@@ -15,6 +16,7 @@ import argparse
 import torch
 
 import zoo
+from zoo.train.precision import resolve_precision
 from benchmarks._common import (alternate, matmul_peak_flops, peer_training_stepper, plot_path, print_table, save,
                                 summary, table, zoo_training_stepper)
 
@@ -45,36 +47,44 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+PRECISIONS = {"bf16-mixed": torch.bfloat16, "32-true": torch.float32}
+
+
 def result_tables(payload: dict) -> dict:
     """The payload's ``table`` entry (see ``benchmarks/_common.py``), from its figures."""
-    rows = [[shape, e["tokens_per_sec"]["zoo"], e["tokens_per_sec"]["transformers"], e["speedup_vs_transformers"],
-             e["mfu"]["zoo"], e["mfu"]["transformers"]] for shape, e in payload["results"].items()]
-    return {"table": table("Training step (fwd + bwd + AdamW, bf16 autocast), peer: transformers LlamaForCausalLM",
-                           ["shape", "zoo tokens/s", "transformers tokens/s", "zoo / transformers",
-                            "zoo fraction of bf16 peak", "transformers fraction of bf16 peak"], rows)}
+    rows = [[shape, precision + (" (auto)" if precision == payload["auto_precision"]["picked"] else ""),
+             e["tokens_per_sec"]["zoo"], e["tokens_per_sec"]["transformers"], e["speedup_vs_transformers"],
+             e["mfu"]["zoo"], e["mfu"]["transformers"]]
+            for shape, by_precision in payload["results"].items() for precision, e in by_precision.items()]
+    return {"table": table("Training step (fwd + bwd + AdamW) per precision, peer: transformers LlamaForCausalLM",
+                           ["shape", "precision", "zoo tokens/s", "transformers tokens/s", "zoo / transformers",
+                            "zoo fraction of peak", "transformers fraction of peak"], rows)}
 
 
 def plot(payload: dict) -> str:
-    """Tokens/s (medians, min-max bars) and fraction of the bf16 peak per shape, zoo beside transformers."""
+    """Tokens/s (medians, min-max bars) and fraction of that precision's matmul peak per shape and precision,
+    zoo beside transformers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes, impls = list(payload["results"]), ["zoo", "transformers"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    cases = [(shape, precision) for shape, by_precision in payload["results"].items() for precision in by_precision]
+    impls = ["zoo", "transformers"]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.5 * len(cases), 4))
     for offset, impl in zip((-0.2, 0.2), impls):
-        xs = [i + offset for i in range(len(shapes))]
-        tps = [payload["results"][s]["tokens_per_sec"][impl] for s in shapes]
+        xs = [i + offset for i in range(len(cases))]
+        entries = [payload["results"][shape][precision] for shape, precision in cases]
+        tps = [e["tokens_per_sec"][impl] for e in entries]
         errors = [[t["median"] - t["min"] for t in tps], [t["max"] - t["median"] for t in tps]]
         axes[0].bar(xs, [t["median"] for t in tps], width=0.4, yerr=errors, capsize=3, label=impl)
-        axes[1].bar(xs, [payload["results"][s]["mfu"][impl] for s in shapes], width=0.4, label=impl)
-    for ax, label in zip(axes, ("tokens/s (median, min-max)", "fraction of measured bf16 matmul peak")):
-        ax.set_xticks(range(len(shapes)), shapes)
+        axes[1].bar(xs, [e["mfu"][impl] for e in entries], width=0.4, label=impl)
+    for ax, label in zip(axes, ("tokens/s (median, min-max)", "fraction of measured matmul peak")):
+        ax.set_xticks(range(len(cases)), [f"{shape}\n{precision}" for shape, precision in cases])
         ax.set_ylabel(label)
         ax.legend()
     axes[1].axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    fig.suptitle("Training step, bf16 autocast on CPU: zoo vs transformers LlamaForCausalLM")
+    fig.suptitle(f"Training step on CPU (auto picks {payload['auto_precision']['picked']}): zoo vs transformers")
     fig.tight_layout()
     path = plot_path("train_step")
     fig.savefig(path, dpi=120)
@@ -90,30 +100,36 @@ def main() -> None:
     args = parser.parse_args()
     shapes = {"dense-tiny": SHAPES["dense-tiny"]} if args.quick else SHAPES
     repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
-    peak = matmul_peak_flops()
+    picked, why = resolve_precision("auto", "cpu")
+    peaks = {precision: matmul_peak_flops(dtype) for precision, dtype in PRECISIONS.items()}
     results, rows = {}, []
     for name, s in shapes.items():
-        torch.manual_seed(0)
-        models = {"zoo": zoo_model(s), "transformers": hf_model(s)}
-        ids = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
-        timings = alternate({"zoo": zoo_training_stepper(models["zoo"], ids, steps),
-                             "transformers": peer_training_stepper(models["transformers"], ids, steps)}, repeats)
-        entry = {"shape": s, "tokens_per_sec": {}, "mfu": {}}
-        for impl, model in models.items():
-            flops_per_token = 6 * matmul_params(model) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
-            tps = summary(timings[impl])
-            entry["tokens_per_sec"][impl] = tps
-            entry["mfu"][impl] = tps["median"] * flops_per_token / peak
-            entry["params"] = model.num_parameters() if impl == "zoo" else entry.get("params")
-        entry["speedup_vs_transformers"] = (entry["tokens_per_sec"]["zoo"]["median"]
-                                            / entry["tokens_per_sec"]["transformers"]["median"])
-        results[name] = entry
-        rows.append([name, entry["tokens_per_sec"]["zoo"]["median"], entry["tokens_per_sec"]["transformers"]["median"],
-                     entry["speedup_vs_transformers"], entry["mfu"]["zoo"], entry["mfu"]["transformers"]])
-    print(f"bf16 matmul peak: {peak / 1e9:,.0f} GFLOP/s")
-    print_table(["shape", "zoo tok/s", "hf tok/s", "zoo/hf", "zoo frac. of peak", "hf frac. of peak"], rows)
-    payload = {"bf16_matmul_peak_flops": peak, "repeats": repeats, "steps_per_repeat": steps, "quick": args.quick,
-               "results": results}
+        results[name] = {}
+        for precision in PRECISIONS:
+            bf16 = precision == "bf16-mixed"
+            torch.manual_seed(0)
+            models = {"zoo": zoo_model(s), "transformers": hf_model(s)}
+            ids = torch.randint(0, VOCAB, (s["batch"], s["seq"]))
+            timings = alternate({"zoo": zoo_training_stepper(models["zoo"], ids, steps, bf16),
+                                 "transformers": peer_training_stepper(models["transformers"], ids, steps, bf16)},
+                                repeats)
+            entry = {"shape": s, "tokens_per_sec": {}, "mfu": {}, "params": models["zoo"].num_parameters()}
+            for impl, model in models.items():
+                flops_per_token = 6 * matmul_params(model) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
+                entry["tokens_per_sec"][impl] = summary(timings[impl])
+                entry["mfu"][impl] = entry["tokens_per_sec"][impl]["median"] * flops_per_token / peaks[precision]
+            entry["speedup_vs_transformers"] = (entry["tokens_per_sec"]["zoo"]["median"]
+                                                / entry["tokens_per_sec"]["transformers"]["median"])
+            results[name][precision] = entry
+            rows.append([name, precision, entry["tokens_per_sec"]["zoo"]["median"],
+                         entry["tokens_per_sec"]["transformers"]["median"], entry["speedup_vs_transformers"],
+                         entry["mfu"]["zoo"], entry["mfu"]["transformers"]])
+    print(f"train.precision auto picks {picked} here: {why}")
+    print(", ".join(f"{precision} matmul peak: {peak / 1e9:,.0f} GFLOP/s" for precision, peak in peaks.items()))
+    print_table(["shape", "precision", "zoo tok/s", "hf tok/s", "zoo/hf", "zoo frac. of peak", "hf frac. of peak"],
+                rows)
+    payload = {"matmul_peak_flops": peaks, "auto_precision": {"picked": picked, "why": why}, "repeats": repeats,
+               "steps_per_repeat": steps, "quick": args.quick, "results": results}
     path = save("train_step", {**payload, **result_tables(payload), "plots": [plot(payload)]})
     print(f"wrote {path}")
 

@@ -30,9 +30,10 @@ def check_payload(payload: dict) -> None:
 
 
 def test_quick_suite_schema(tmp_path):
-    """Every script's --quick pass (about two minutes on 2 cores in all), then the page over their JSON."""
+    """Every script's --quick pass (about two minutes on 2 idle cores in all), then the page over their JSON.
+    The timeout only catches a hang: a loaded or slow machine may take many times as long."""
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--results-dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, capture_output=True, text=True, timeout=3 * 3600)
     assert out.returncode == 0, out.stdout + out.stderr
     payloads = {p["benchmark"]: p for p in (json.loads(path.read_text()) for path in sorted(tmp_path.glob("*.json")))}
     suite = payloads.pop("suite")

@@ -1,5 +1,6 @@
 """Configs: exact round trips, overrides, per-layer blocks, clear errors, user-registered blocks."""
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -62,7 +63,7 @@ def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
     (["model.layers.1.mixer.n_heads=5"], r"model.layers.1.mixer: n_heads=5 does not divide model.d_model=256"),
     (["model.n_layers"], r"not of the form dotted.key=value"),
     (["train.precision=bf17"], r"train.precision: 'bf17' is not a Lightning precision \(did you mean bf16[^)]*\); "
-                               r"choose one of bf16-mixed, bf16-true, 16-mixed, 16-true, 32-true, 64-true"),
+                               r"choose auto or one of bf16-mixed, bf16-true, 16-mixed, 16-true, 32-true, 64-true"),
     (["train.trainer.strategy=bogus"], r"train.trainer.strategy: 'bogus' is not a Lightning strategy; "
                                        r"registered: auto, ddp, .*ddp_spawn.*deepspeed.*fsdp"),
     (["train.trainer.accelerator=cdua"], r"train.trainer.accelerator: 'cdua' is not a Lightning accelerator "
@@ -173,3 +174,84 @@ def test_unset_vocab_size_fails_at_build_with_a_clear_message():
     config = zoo.load_config("dense-tiny", {"model.vocab_size": None})
     with pytest.raises(zoo.ConfigError, match="model.vocab_size is unset"):
         zoo.build_model(config)
+
+
+# --------------------------------------------------------------------------- non-finite numbers, every float key
+
+def _float_keys(cls, prefix: str) -> list[tuple[str, object]]:
+    """``(dotted key, value holding one NaN placeholder)`` for every float field of a config dataclass tree
+    (tuples of floats get the placeholder first); BlockSpec fields are covered through the registry."""
+    import dataclasses
+    import types
+    import typing
+
+    from zoo.schema import BlockSpec
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            options = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = options[0] if len(options) == 1 else tp
+        path = f"{prefix}{f.name}"
+        if tp is float:
+            keys.append((path, None))
+        elif typing.get_origin(tp) is tuple and typing.get_args(tp)[:1] == (float,):
+            keys.append((path, "tuple"))
+        elif dataclasses.is_dataclass(tp) and tp is not BlockSpec:
+            keys.extend(_float_keys(tp, path + "."))
+    return keys
+
+
+# Where a block of each kind is configured: model.mixer: {type: name, ...}; converters under model.<name>.
+_KIND_SECTIONS = {"mixer": "model.mixer", "ffn": "model.ffn", "norm": "model.norm", "objective": "train.objective"}
+
+
+def _nested(path: str, value) -> dict:
+    raw: dict = {}
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return raw
+
+
+def _non_finite_cases():
+    cases = [(path, kind, {}) for path, kind in _float_keys(ZooConfig, "")]
+    for kind in registry.KINDS:
+        for name in registry.available(kind):
+            entry = registry.lookup(kind, name)
+            section = _KIND_SECTIONS.get(kind, f"model.{name}" if kind == "converter" else None)
+            for key, shape in _float_keys(entry.config, ""):
+                spec = {} if kind == "converter" else {"type": name}
+                cases.append((f"{section}.{key}" if section else f"{kind}:{name}.{key}", shape, spec))
+    return cases
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_every_float_key_rejects_non_finite_values(bad):
+    from zoo.schema import typed
+
+    cases = _non_finite_cases()
+    assert {"model.init_std", "train.optimizer.lr", "model.ffn.capacity_factor", "model.mixer.rope_theta",
+            "model.norm.eps", "train.optimizer.betas"} <= {path for path, _, _ in cases}
+    for path, shape, spec in cases:
+        value = [bad, 0.9] if shape == "tuple" else bad
+        named = f"{path}[0]" if shape == "tuple" else path
+        if ":" in path:  # a kind no config section holds yet: its dataclass directly
+            kind_name, key = path.split(".", 1)
+            entry = registry.lookup(*kind_name.split(":"))
+            with pytest.raises(zoo.ConfigError, match=re.escape(key)):
+                typed(entry.config, {key: value}, kind_name)
+            continue
+        section, key = path.rsplit(".", 1)
+        raw = _nested(section, {**spec, key: value}) if spec else _nested(path, value)
+        with pytest.raises(zoo.ConfigError, match=re.escape(named) + r".*finite"):
+            ZooConfig.from_dict(raw)
+
+
+def test_block_type_must_be_a_name():
+    with pytest.raises(zoo.ConfigError, match=r"model\.mixer\.type: unknown mixer block \[1, 2\]"):
+        zoo.load_config("dense-tiny", ["model.mixer.type=[1,2]"])

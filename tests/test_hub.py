@@ -65,6 +65,46 @@ def test_sharded_save_and_load(tmp_path):
     assert_same_model(model, zoo.from_pretrained(tmp_path / "ckpt"))
 
 
+def _sharded_with_shard_name(tmp_path, name: str) -> Path:
+    """A sharded checkpoint whose index names ``name`` for every tensor, and a valid shard outside it."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)
+    (tmp_path / "outside").mkdir()
+    model.save_pretrained(tmp_path / "outside" / "ckpt")  # a readable file, were the index obeyed
+    index_path = tmp_path / "ckpt" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {key: name for key in index["weight_map"]}
+    index_path.write_text(json.dumps(index))
+    return tmp_path / "ckpt"
+
+
+@pytest.mark.parametrize("name", ["../outside/ckpt/model.safetensors", "ABSOLUTE",
+                                  "x/../../outside/ckpt/model.safetensors", "link/ckpt/model.safetensors"])
+def test_index_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path, name):
+    if name == "ABSOLUTE":
+        name = str(tmp_path / "outside" / "ckpt" / "model.safetensors")
+    directory = _sharded_with_shard_name(tmp_path, name)
+    (directory / "link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json.*not a file inside.*refused"):
+        zoo.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("file, content", [
+    ("model.safetensors.index.json", b'{"metadata": {}}'),
+    ("model.safetensors.index.json", b'[1, 2]'),
+    ("model.safetensors.index.json", b'{"weight_map": ["model-00001-of-00002.safetensors"]}'),
+    ("model.safetensors.index.json", b'{"weight_map": {"embed.weight": 7}}'),
+    ("model.safetensors.index.json", b'{"weight_map": {"\xff\xfe": 1}}'),
+    ("config.json", b'["not", "a", "config"]'),
+    ("config.json", b'\xff\xfe{}'),
+], ids=["no-weight-map", "list", "map-is-list", "map-value-int", "bad-utf8", "config-list", "config-bad-utf8"])
+def test_malformed_index_or_config_names_the_file(tmp_path, file, content):
+    tiny_model().save_pretrained(tmp_path / "ckpt", max_shard_size=20_000)
+    (tmp_path / "ckpt" / file).write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"ckpt/{file.replace('.', '[.]')}"):
+        zoo.from_pretrained(tmp_path / "ckpt")
+
+
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     old = tiny_model()
     old.save_pretrained(tmp_path / "ckpt")
@@ -357,6 +397,29 @@ def test_push_pull_revisions_and_offline(hub, tmp_path):
     """, hub, tmp_path / "hf", HF_HUB_OFFLINE="1")
     assert len(hub.requests) == seen  # offline: not one request
 
+
+
+def test_hub_index_naming_a_shard_outside_the_snapshot_is_refused(hub, tmp_path):
+    victim = tmp_path / "victim"
+    run_client(f"""
+        import json, pytest
+        from huggingface_hub import HfApi
+        from zoo.errors import CheckpointError
+        tiny_model().save_pretrained(r"{victim}")
+        model = tiny_model()
+        model.push_to_hub("org/evil", max_shard_size=20_000)
+        assert_same_model(model, zoo.from_pretrained("org/evil"))  # sharded: the snapshot's files are symlinks
+        index = {{"weight_map": {{"embed.weight": r"{victim / 'model.safetensors'}"}}}}
+        HfApi().upload_file(path_or_fileobj=json.dumps(index).encode(), path_in_repo="model.safetensors.index.json",
+                            repo_id="org/evil")
+        with pytest.raises(CheckpointError, match="not a file inside .* refused"):
+            zoo.from_pretrained("org/evil")
+        index = {{"weight_map": {{"embed.weight": "../../blobs/x.safetensors"}}}}
+        HfApi().upload_file(path_or_fileobj=json.dumps(index).encode(), path_in_repo="model.safetensors.index.json",
+                            repo_id="org/evil")
+        with pytest.raises(CheckpointError, match="not a file inside .* refused"):
+            zoo.from_pretrained("org/evil")
+    """, hub, tmp_path / "hf")
 
 
 def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):

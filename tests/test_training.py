@@ -1,6 +1,7 @@
 """Training: a tiny end-to-end run, exact resume, non-finite losses, DDP on CPU, the train.py CLI."""
 
 import csv
+import errno
 import importlib.util
 import math
 import os
@@ -8,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +21,12 @@ import zoo
 from zoo.errors import ConfigError
 from zoo.tokenizer import HFTokenizer
 from zoo.blocks.router import max_violation
-from zoo.train.metrics import moe_max_violation
+from zoo.train.metrics import moe_max_violation, perplexity
 from zoo.train.module import lr_factor, param_groups
-from zoo.train.run import train
+from zoo.train.callbacks import ResumableCSVLogger
+from zoo.train.precision import cpu_bf16_flags, resolve_precision
+from zoo.train.run import resolve_run, train
+from zoo.train.rundir import LOCK_FILE, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -127,7 +132,7 @@ def test_default_out_dir_then_resume_the_latest_run_or_a_checkpoint_path(tmp_pat
     common = {**TINY, "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
     first = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 2}))
     assert first.out_dir.parent == Path("runs") / "dense-tiny"  # runs/<preset>/<timestamp>
-    assert re.fullmatch(r"\d{8}-\d{6}", first.out_dir.name)
+    assert re.fullmatch(r"\d{8}-\d{6}-\d{6}", first.out_dir.name)
 
     latest = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 4, "train.resume": True}))
     assert latest.out_dir == first.out_dir and latest.steps == 4
@@ -135,6 +140,69 @@ def test_default_out_dir_then_resume_the_latest_run_or_a_checkpoint_path(tmp_pat
     by_path = train(zoo.load_config("dense-tiny", {**common, "train.max_steps": 6, "train.resume": str(checkpoint)}))
     assert by_path.out_dir == first.out_dir and by_path.steps == 6
     assert sorted(column(read_metrics(first.out_dir), "train/loss")) == list(range(1, 7))  # one continuous log
+
+
+def test_default_run_dirs_are_unique_within_a_second(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = zoo.load_config("dense-tiny", TINY)
+    dirs = {resolve_run(config)[0].train.out_dir for _ in range(20)}
+    assert len(dirs) == 20 and all(Path(d).is_dir() for d in dirs)
+
+
+def _fake_run(out_dir: Path) -> None:
+    (out_dir / "checkpoints").mkdir(parents=True)
+    (out_dir / "checkpoints" / "last.ckpt").write_bytes(b"old checkpoint")
+    (out_dir / "metrics.csv").write_text("step,train/loss\n1,5.0\n")
+
+
+def test_new_run_refuses_a_directory_holding_another_run_unless_told(tmp_path, monkeypatch):
+    _fake_run(tmp_path)
+    config = tiny_config(tmp_path, **{"train.max_steps": 1, "train.val_check_interval": 1, "train.sample_tokens": 0})
+    with pytest.raises(ConfigError, match=r"(?s)holds another run.*train\.resume=true.*train\.overwrite=true") as err:
+        train(config)
+    assert str(tmp_path) in str(err.value) and "checkpoints/last.ckpt, metrics.csv" in str(err.value)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == b"old checkpoint"
+    with pytest.raises(ConfigError, match="contradict"):
+        tiny_config(tmp_path, **{"train.overwrite": True, "train.resume": True})
+
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's DDP re-launched into the run's directory
+    monkeypatch.setenv("ZOO_RUN_DIR", str(tmp_path))
+    assert resolve_run(config)[0].train.out_dir == str(tmp_path)
+    monkeypatch.delenv("LOCAL_RANK")
+
+    result = train(tiny_config(tmp_path, **{"train.max_steps": 1, "train.val_check_interval": 1,
+                                            "train.sample_tokens": 0, "train.overwrite": True}))
+    assert result.steps == 1 and sorted(column(read_metrics(tmp_path), "train/loss")) == [1]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert not (tmp_path / LOCK_FILE).exists()  # released at the end
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(f"{sleeper.pid}\n")
+        config = tiny_config(tmp_path, **{"train.max_steps": 1})
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {sleeper.pid}"):
+            train(config)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with RunLock(tmp_path) as lock:  # the holder is gone: a stale lock
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert not lock.path.exists()
+
+
+def test_resume_names_changed_keys_and_refuses_another_model_shape(tmp_path, capsys):
+    common = {"train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}
+    train(tiny_config(tmp_path, **common, **{"train.max_steps": 2}))
+    capsys.readouterr()
+    resume = {**common, "train.resume": True, "train.max_steps": 3}
+    with pytest.raises(ConfigError, match=r"other shapes .*model.d_model: 32 in the checkpoint, 48 now.*tensors: "):
+        train(tiny_config(tmp_path, **resume, **{"model.d_model": 48}))
+    result = train(tiny_config(tmp_path, **resume, **{"train.optimizer.lr": 1e-3}))
+    assert result.steps == 3
+    out = capsys.readouterr().out
+    assert "config keys changed since it was saved: train.max_steps: 2 -> 3; train.optimizer.lr: 0.003 -> 0.001" in out
 
 
 def test_bpe_run_sizes_the_model_and_its_tokenizer_json_trains_the_next_run(tmp_path):
@@ -188,6 +256,35 @@ def test_nonfinite_loss_skipped_when_asked(tmp_path):
     assert all(torch.isfinite(p).all() for p in result.module.model.parameters())
 
 
+class _NaNGradientAt(Callback):
+    """Makes one gradient NaN, the loss staying finite, at each optimizer step in ``steps``."""
+
+    def __init__(self, *steps):
+        self.steps = steps
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 in self.steps:
+            next(p for p in pl_module.model.parameters() if p.grad is not None).grad[0] = float("nan")
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops_or_is_skipped(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite gradients at step 3 .the loss was finite"):
+        train(tiny_config(tmp_path / "stop", **{"train.max_steps": 5}), callbacks=[_NaNGradientAt(3)])
+    result = train(tiny_config(tmp_path / "skip", **{"train.max_steps": 5, "train.skip_nonfinite": True}),
+                   callbacks=[_NaNGradientAt(3)])
+    assert result.steps == 5 and result.module.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in result.module.model.parameters())
+
+
+def test_too_many_skipped_steps_stop_the_run(tmp_path):
+    config = tiny_config(tmp_path, **{"train.max_steps": 8, "train.skip_nonfinite": True,
+                                      "train.max_skipped_fraction": 0.2})
+    with pytest.raises(FloatingPointError, match=r"2 of the first 3 steps were skipped .*max_skipped_fraction=0\.2;"):
+        train(config, callbacks=[_NaNGradientAt(2), _NaNLossAt(3)])
+    with pytest.raises(ConfigError, match=r"train.max_skipped_fraction must be in \[0, 1\], got 1.5"):
+        tiny_config(tmp_path, **{"train.max_skipped_fraction": 1.5})
+
+
 def test_skipped_batch_leaves_no_counts_for_the_next_update(tmp_path, counting_ffn):
     config = tiny_config(tmp_path, **{"model.ffn": {"type": counting_ffn, "n_experts": 4}, "train.max_steps": 4,
                                       "train.val_check_interval": 4, "train.skip_nonfinite": True})
@@ -217,6 +314,114 @@ def test_ddp_two_processes_equal_one_process_double_batch(tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
 
 
+def _train_py(out_dir: Path, **overrides) -> list[str]:
+    """The ``train.py`` command line of a tiny run into ``out_dir``."""
+    settings = {**TINY, "train.out_dir": out_dir, **overrides}
+    return [sys.executable, str(ROOT / "train.py"), "--config", "dense-tiny", "model.vocab_size=null",
+            *(f"{k}={_flow(v) if isinstance(v, dict) else v}" for k, v in settings.items() if k != "model.vocab_size")]
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"the run ended (code {proc.returncode}) or timed out before the condition: {err[-3000:]}")
+        time.sleep(0.05)
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path):
+    proc = subprocess.Popen(_train_py(tmp_path, **{"train.max_steps": 100_000, "train.checkpoint_every": 1,
+                                                   "train.val_check_interval": 100_000}),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    _wait_for(checkpoint.is_file, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: finishing this step" in out
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 1 <= step < 100_000 and f"stopped at step {step}" in out
+    assert not (tmp_path / "final").exists() and not list(checkpoint.parent.glob(".last.ckpt.tmp-*"))
+
+
+_CHILD = """
+import os, resource, signal, sys
+from lightning.pytorch.callbacks import Callback
+import zoo
+from test_training import TINY
+from zoo.train.run import train
+
+class AtStep(Callback):
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.action()
+
+def limit_file_size(limit):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+"""
+
+
+def _run_child(script: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Runs ``script`` after :data:`_CHILD`'s imports in a fresh interpreter (this module importable)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    return subprocess.run([sys.executable, "-c", _CHILD + script], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_metric_rows_survive_a_hard_kill_and_the_resume_keeps_them(tmp_path):
+    overrides = {"train.max_steps": 100, "train.checkpoint_every": 2, "train.val_check_interval": 100}
+    proc = _run_child(f"""
+config = zoo.load_config("dense-tiny", {{**TINY, "train.out_dir": {str(tmp_path)!r}, **{overrides!r}}})
+train(config, callbacks=[AtStep(5, lambda: os.kill(os.getpid(), signal.SIGKILL))])  # killed before step 6
+""")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(column(read_metrics(tmp_path), "train/loss")) == [1, 2, 3, 4, 5]  # each row on disk when logged
+    assert (tmp_path / LOCK_FILE).is_file()  # the dead run's lock: taken over by the resume
+
+    resumed = train(tiny_config(tmp_path, **{**overrides, "train.max_steps": 6, "train.val_check_interval": 6,
+                                              "train.sample_tokens": 0, "train.resume": True}))
+    assert resumed.steps == 6
+    assert sorted(column(read_metrics(tmp_path), "train/loss")) == [1, 2, 3, 4, 5, 6]  # 5 again, from step 4's state
+
+
+def test_failed_metrics_rewrite_keeps_the_history(tmp_path, monkeypatch):
+    history = "step,train/loss\n1,5.0\n2,4.0\n3,3.0\n"
+    (tmp_path / "metrics.csv").write_text(history)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        ResumableCSVLogger(tmp_path, keep_until_step=2).experiment
+    assert (tmp_path / "metrics.csv").read_text() == history and sorted(os.listdir(tmp_path)) == ["metrics.csv"]
+
+
+def test_full_disk_at_a_checkpoint_removes_the_partial_file_and_says_what_was_needed(tmp_path):
+    overrides = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.val_check_interval": 100}
+    proc = _run_child(f"""
+config = zoo.load_config("dense-tiny", {{**TINY, "train.out_dir": {str(tmp_path)!r}, **{overrides!r}}})
+try:
+    train(config, callbacks=[AtStep(0, lambda: limit_file_size(50_000))])  # ~200 kB checkpoints
+except OSError as err:
+    print(f"ERROR {{err.errno}}: {{err}}")
+    sys.exit(3)
+""")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    message = proc.stdout[proc.stdout.index("ERROR"):]
+    assert f"ERROR {errno.EFBIG}:" in message and "step-2 checkpoint" in message and ".last.ckpt.tmp-" in message
+    needed = int(re.search(r"needs about ([\d,]+) bytes", message).group(1).replace(",", ""))
+    assert needed > 50_000 and "keeps the previous state" in message
+    assert os.listdir(tmp_path / "checkpoints") == []  # no partial file
+    assert sorted(column(read_metrics(tmp_path), "train/loss")) == [1]  # step 2's row comes after its checkpoint
+
+
 def _flow(mapping: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in mapping.items()) + "}"
 
@@ -244,6 +449,11 @@ def test_cli_print_config_and_bad_override(capsys):
 def test_vocab_smaller_than_tokenizer_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         train(tiny_config(tmp_path, **{"model.vocab_size": 200}))
+
+
+def test_perplexity_of_a_huge_loss_is_inf_not_an_overflow():
+    assert perplexity(1.0) == pytest.approx(math.e) and perplexity(709.0) == pytest.approx(math.exp(709.0))
+    assert perplexity(710.0) == math.inf and perplexity(1e6) == math.inf and f"{perplexity(800.0):.2f}" == "inf"
 
 
 def test_schedule_groups_and_maxvio():
@@ -347,6 +557,40 @@ def test_default_precision_clips_gradients_with_the_fused_optimizer(tmp_path):
     result = train(config)
     optimizer = result.module.optimizers().optimizer
     assert optimizer.defaults["fused"] and result.steps == 3 and math.isfinite(result.val_loss)
+
+
+@pytest.mark.parametrize("cpuinfo, flags", [
+    ("flags\t\t: fpu sse avx512f avx512bw\n", []),  # AVX-512 without BF16: emulated, so float32
+    ("flags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile\n", ["avx512_bf16", "amx_bf16"]),
+    ("Features\t: fp asimd sve bf16 i8mm\n", ["bf16"]),  # Arm
+    ("", []),
+])
+def test_native_bf16_cpu_flags(cpuinfo, flags):
+    assert cpu_bf16_flags(cpuinfo) == flags
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cuda_follows_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "GPU-X")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    picked, why = resolve_precision("auto")
+    assert picked == ("bf16-mixed" if native else "32-true") and "GPU-X" in why
+    assert resolve_precision("auto", "cpu")[1].startswith("CPU ")  # cpu asked for: the GPU is not consulted
+
+
+def test_auto_precision_is_resolved_printed_and_recorded(tmp_path, capsys):
+    config = tiny_config(tmp_path, **{"train.precision": "auto", "train.max_steps": 1, "train.val_check_interval": 1,
+                                      "train.sample_tokens": 0})
+    assert zoo.load_config("dense-tiny").train.precision == "auto"  # the default
+    expected, why = resolve_precision("auto", config.train.trainer.accelerator)
+    assert expected in ("bf16-mixed", "32-true") and why
+    result = train(config)
+    assert result.config.train.precision == expected and config.train.precision == "auto"
+    assert f"train.precision: auto -> {expected} ({why})" in capsys.readouterr().out
+    for written in (tmp_path / "run_config.yaml", tmp_path / "final" / "run_config.yaml"):
+        assert zoo.load_config(written).train.precision == expected
+    assert resolve_precision("16-mixed") == ("16-mixed", "as configured")
 
 
 def test_moe_layers_with_different_expert_counts(tmp_path):

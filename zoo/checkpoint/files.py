@@ -17,7 +17,7 @@ import re
 import shutil
 import uuid
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError
@@ -37,17 +37,40 @@ def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (directory / index).is_file():
-            shards = sorted(set(read_json(directory / index)["weight_map"].values()))
+            shards = _index_shards(directory, index)
         elif (directory / single).is_file():
-            shards = [single]
+            shards = [directory / single]
         else:
             continue
         state_dict = {}
         for shard in shards:
-            state_dict.update(_read_weights(directory / shard))
+            state_dict.update(_read_weights(shard))
         return state_dict
     raise CheckpointError(f"{str(directory)!r} holds no weights: expected model.safetensors, "
                           "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json")
+
+
+def _index_shards(directory: Path, index: str) -> list[Path]:
+    """The shard files an index's ``weight_map`` names, each confined to ``directory``: a name that is
+    absolute, climbs out with ``..`` or passes through a symlinked folder leading elsewhere is refused.
+    Only the folders are resolved, not the file itself, because a Hub snapshot's files are symlinks into
+    the cache's blob store."""
+    path = directory / index
+    weight_map = read_json(path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{str(path)!r} is not a weights index: expected 'weight_map', a mapping of tensor "
+                              f"names to shard file names, got {type(weight_map).__name__}")
+    root = directory.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        relative = PurePosixPath(name)
+        shard = directory / relative
+        if (not name or relative.is_absolute() or ".." in relative.parts or "\\" in name
+                or not shard.parent.resolve().is_relative_to(root)):
+            raise CheckpointError(f"{str(path)!r} names the shard {name!r}, which is not a file inside "
+                                  f"{str(directory)!r}; refused")
+        shards.append(shard)
+    return shards
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -113,10 +136,14 @@ def _pickled_globals(file: Path, zipped: bool) -> set[str]:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object (a dict) in ``path``; CheckpointError naming the file for anything else."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{str(path)!r} is not readable JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def is_checkpoint_file(name: str) -> bool:

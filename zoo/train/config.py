@@ -76,11 +76,14 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between train/* metric rows
     sample_tokens: int = 200  # length of the sample generated at the end (0: none)
     out_dir: str | None = None
-    resume: bool | str = False
-    skip_nonfinite: bool = False
+    resume: bool | str = False  # true: continue out_dir's (or the latest default run's) last.ckpt; or a path
+    overwrite: bool = False  # start afresh in an out_dir holding another run, deleting its checkpoint and metrics
+    skip_nonfinite: bool = False  # skip a step whose loss or gradients are not finite, instead of stopping
+    max_skipped_fraction: float = 0.1  # skip_nonfinite: stop once more than this share of steps (and >1) is skipped
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    precision: str | int = "bf16-mixed"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS)
+    precision: str | int = "auto"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS), or auto: bf16-mixed
+    #                                where the hardware has native bf16, else 32-true (zoo.train.precision)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     objective: BlockSpec = block_field("objective", "causal_lm")  # what a training step optimises
 
@@ -245,11 +248,16 @@ def _validate_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.schedule.warmup_steps must be >= 0, got {train.schedule.warmup_steps}")
     if not 0.0 <= train.schedule.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.schedule.min_lr_ratio must be in [0, 1], got {train.schedule.min_lr_ratio}")
-    if train.precision not in LIGHTNING_PRECISIONS:
-        close = difflib.get_close_matches(str(train.precision), [str(p) for p in LIGHTNING_PRECISIONS], n=2)
+    if train.precision not in ("auto", *LIGHTNING_PRECISIONS):
+        close = difflib.get_close_matches(str(train.precision), ["auto", *map(str, LIGHTNING_PRECISIONS)], n=2)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-        raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose one "
-                          f"of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
+        raise ConfigError(f"train.precision: {train.precision!r} is not a Lightning precision{hint}; choose auto "
+                          f"or one of {', '.join(map(str, LIGHTNING_PRECISIONS))}")
+    if not 0.0 <= train.max_skipped_fraction <= 1.0:
+        raise ConfigError(f"train.max_skipped_fraction must be in [0, 1], got {train.max_skipped_fraction}")
+    if train.overwrite and train.resume is not False:
+        raise ConfigError(f"train.overwrite=true and train.resume={train.resume!r} contradict each other: "
+                          "resume continues the run in train.out_dir, overwrite replaces it")
     _validate_trainer(train.trainer)
 
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zoo.blocks.router import max_violation
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` for a cross-entropy in nats, ``inf`` where that overflows a float (loss above ~709.78)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

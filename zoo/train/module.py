@@ -23,7 +23,8 @@ from zoo import registry
 from zoo.blocks.norm import RMSNorm
 from zoo.model import build_model
 from zoo.train.config import OptimizerConfig, ZooConfig
-from zoo.train.metrics import add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation
+from zoo.train.metrics import (add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation,
+                               perplexity)
 from zoo.train.objectives import build_objective
 
 
@@ -137,6 +138,38 @@ class ZooLightningModule(L.LightningModule):
         self._add_step_sums(out)
         return out.loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Refuse (or, with ``skip_nonfinite``, skip) an update whose gradients are not finite although its loss
+        was: every gradient is dropped, so the optimizer step changes nothing."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16's GradScaler skips the steps with non-finite gradients itself
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:  # a batch skipped for its loss
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)  # sharded gradients: all agree
+        if bool(finite):
+            return
+        step = self.global_step + 1
+        if not self.config.train.skip_nonfinite:
+            raise FloatingPointError(
+                f"non-finite gradients at step {step} (the loss was finite); the last good checkpoint is kept. "
+                "Lower train.optimizer.lr, or set train.skip_nonfinite=true to skip such steps")
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        self.print(f"step {step}: non-finite gradients, update skipped")
+
+    def _check_skipped(self, step: int) -> None:
+        """Stop once more than ``train.max_skipped_fraction`` of the steps so far were skipped (one always may)."""
+        limit = self.config.train.max_skipped_fraction
+        if self.skipped_steps > max(1.0, limit * step):
+            raise FloatingPointError(
+                f"{self.skipped_steps} of the first {step} steps were skipped for non-finite losses or gradients, "
+                f"more than train.max_skipped_fraction={limit}; the last good checkpoint is kept. Lower "
+                "train.optimizer.lr, or raise train.max_skipped_fraction")
+
     def _add_step_sums(self, out) -> None:
         for name, value in out.metrics.items():
             self._step_sums[name] = self._step_sums.get(name, 0) + value.detach().float()
@@ -158,6 +191,8 @@ class ZooLightningModule(L.LightningModule):
         if step == self._last_step:
             return  # inside an accumulated batch
         self._last_step = step
+        if self.skipped_steps:
+            self._check_skipped(step)
         now = time.perf_counter()
         self._busy_seconds += now - self._clock
         self._clock = now
@@ -205,7 +240,7 @@ class ZooLightningModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums = all_reduce_sum(self._val_sums)
         val_loss = (sums[0] / sums[1]).item()
-        metrics = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 80.0))}
+        metrics = {"val/loss": val_loss, "val/ppl": perplexity(val_loss)}
         if self._val_counts is not None:
             counts = all_reduce_counts(self._val_counts)
             metrics["val/maxvio"] = moe_max_violation(counts)

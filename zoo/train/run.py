@@ -1,20 +1,19 @@
 """``train(config)``: a whole training job.
 
-Tokenizer and token caches, the model (``vocab_size`` following the tokenizer when unset), ``lightning.Trainer``
-(``train.trainer.*`` passes through: devices, strategy, ...), resumable checkpoints at
-``out_dir/checkpoints/last.ckpt``, then the export to ``out_dir/final`` (``save_pretrained`` with
-``tokenizer.json`` and the run's config as ``run_config.yaml``), ``loss.png`` (and ``expert_load.png`` for
-MoE models) and a generated sample. The caller's config is never changed: the resolved one (``out_dir``,
-``vocab_size``) is a new object, returned in the result.
+The resolved config as ``out_dir/run_config.yaml``, tokenizer and token caches, the model (``vocab_size``
+following the tokenizer when unset), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices,
+strategy, ...), resumable checkpoints at ``out_dir/checkpoints/last.ckpt``, then the export to
+``out_dir/final`` (``save_pretrained`` with ``tokenizer.json`` and ``run_config.yaml``), ``loss.png`` (and
+``expert_load.png`` for MoE models) and a generated sample. The caller's config is never changed: the
+resolved one (``out_dir``, ``vocab_size``, the ``precision`` chosen for ``auto``) is a new object, returned
+in the result and written.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 
 import lightning as L
@@ -28,8 +27,11 @@ from zoo.errors import ConfigError
 from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
+from zoo.train.metrics import perplexity
 from zoo.train.module import ZooLightningModule
 from zoo.train.plots import plot_expert_load, plot_losses
+from zoo.train.precision import resolve_precision
+from zoo.train.rundir import RunLock, check_reusable, clear_outputs, new_run_dir
 
 _RUN_DIR_ENV = "ZOO_RUN_DIR"  # hands the resolved out_dir to the processes Lightning's DDP re-launches
 
@@ -39,16 +41,19 @@ class TrainResult:
     out_dir: Path
     steps: int
     val_loss: float | None  # the last validation's
-    interrupted: bool  # stopped by Ctrl-C (a checkpoint was saved, no export)
+    interrupted: bool  # stopped by Ctrl-C or SIGTERM (a checkpoint was saved, no export)
     sample: str | None
     module: ZooLightningModule
-    config: ZooConfig  # the resolved config the run used (out_dir and vocab_size filled in)
+    config: ZooConfig  # the resolved config the run used (out_dir, vocab_size and precision filled in)
+    stop_signal: int | None = None  # the signal that interrupted it (signal.SIGINT or signal.SIGTERM), if any
 
 
 def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
     """``(config with train.out_dir resolved, checkpoint to resume from or None)``; ``config`` itself is
-    unchanged. Raises ConfigError for a resume request without a checkpoint, before anything is allocated.
-    The resolved directory is handed to the processes Lightning's DDP re-launches through the environment."""
+    unchanged. Raises ConfigError, before anything is allocated, for a resume request without a checkpoint
+    and for a new run into a directory holding another run (unless ``train.overwrite``). An unset out_dir is
+    a new directory ``runs/<preset>/<%Y%m%d-%H%M%S-%f>``. The resolved directory is handed to the processes
+    Lightning's DDP re-launches through the environment; they reuse it unchecked."""
     train = config.train
     out_dir, resume_path = train.out_dir, None
     if isinstance(train.resume, str):
@@ -64,16 +69,23 @@ def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
                 raise ConfigError(f"train.resume=true: no run with checkpoints/last.ckpt under {base}/; "
                                   "set train.out_dir or give train.resume a checkpoint path")
             out_dir = str(previous[-1])
-        elif os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
-            out_dir = os.environ[_RUN_DIR_ENV]  # a process re-launched by Lightning's DDP
+        elif _relaunched():
+            out_dir = os.environ[_RUN_DIR_ENV]
         else:
-            out_dir = str(base / datetime.now().strftime("%Y%m%d-%H%M%S"))
+            out_dir = str(new_run_dir(base))
+    if not _relaunched():
+        check_reusable(Path(out_dir), train.resume, train.overwrite)
     os.environ[_RUN_DIR_ENV] = out_dir
     if train.resume is True:
         resume_path = Path(out_dir) / "checkpoints" / "last.ckpt"
         if not resume_path.is_file():
             raise ConfigError(f"train.resume=true: {resume_path} does not exist")
     return replace(config, train=replace(train, out_dir=out_dir)), resume_path
+
+
+def _relaunched() -> bool:
+    """Whether this is a process Lightning's DDP (or a launcher such as torchrun) started beside rank 0."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
 
 
 def check_config(config: ZooConfig) -> None:
@@ -88,6 +100,20 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
     ``config`` is not changed; ``result.config`` is the resolved one the run used."""
     check_config(config)
     config, resume_path = resolve_run(config)
+    if _relaunched():
+        return _train(config, resume_path, callbacks)
+    with RunLock(Path(config.train.out_dir)):
+        if config.train.overwrite:
+            clear_outputs(Path(config.train.out_dir))
+        return _train(config, resume_path, callbacks)
+
+
+def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResult:
+    precision, why = resolve_precision(config.train.precision, config.train.trainer.accelerator)
+    if precision != config.train.precision:
+        config = replace(config, train=replace(config.train, precision=precision))
+        if not _relaunched():
+            print(f"train.precision: auto -> {precision} ({why})", flush=True)
     out_dir = Path(config.train.out_dir)
     train_cfg = config.train
     L.seed_everything(train_cfg.seed, verbose=False)
@@ -98,9 +124,12 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
     elif config.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} ids; leave it unset to follow the tokenizer")
+    if not _relaunched():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "run_config.yaml").write_text(config.to_yaml())
     module = ZooLightningModule(config)
 
-    resume_step = _checkpoint_step(resume_path) if resume_path is not None else None
+    resume_step = _check_resume(resume_path, config, module) if resume_path is not None else None
     loggers = [ResumableCSVLogger(out_dir, keep_until_step=resume_step)]
     if _tensorboard_available():
         loggers.append(TensorBoardLogger(out_dir, name="tensorboard", version=""))
@@ -111,7 +140,7 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
 
     steps = trainer.global_step
     val_loss = module.val_history[-1][1] if module.val_history else None
-    result = TrainResult(out_dir, steps, val_loss, control.interrupted, None, module, config)
+    result = TrainResult(out_dir, steps, val_loss, control.interrupted, None, module, config, control.stop_signal)
     if not trainer.is_global_zero:
         return result
     plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
@@ -133,7 +162,7 @@ def train(config: ZooConfig, callbacks: list[Callback] | tuple = ()) -> TrainRes
                                         train_cfg.seed)
         print(f"--- sample (step {steps}) ---\n{result.sample}\n---")
     if val_loss is not None:
-        print(f"final validation loss {val_loss:.4f} (ppl {math.exp(val_loss):.2f}) at step {steps}; "
+        print(f"final validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) at step {steps}; "
               f"model in {out_dir / 'final'}")
     return result
 
@@ -152,9 +181,40 @@ def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks
         default_root_dir=out_dir)
 
 
-def _checkpoint_step(path: Path) -> int:
+# Keys that differ between a run and the checkpoint it resumes by their nature.
+_RESUME_KEYS = ("train.resume", "train.out_dir", "train.overwrite")
+
+
+def _check_resume(path: Path, config: ZooConfig, module: ZooLightningModule) -> int:
+    """The step of checkpoint ``path``, after printing which config keys differ from those it was saved with;
+    ConfigError naming the differing ``model.*`` keys when its tensors do not fit ``module``'s shapes."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    stored = checkpoint.get("zoo", {}).get("config")
+    changed = {} if stored is None else {key: values for key, values in _differences(stored, config.to_dict()).items()
+                                         if key not in _RESUME_KEYS}
+    saved = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
+    current = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    if saved != current:
+        model_keys = [f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items()
+                      if key.startswith("model.")]
+        tensors = sorted(name for name in saved.keys() | current.keys() if saved.get(name) != current.get(name))
+        raise ConfigError(f"train.resume: {str(path)!r} holds a model of other shapes than this config's "
+                          f"({'; '.join(model_keys) or 'no model key differs'}; tensors: {', '.join(tensors[:5])}"
+                          f"{' ...' if len(tensors) > 5 else ''}); resume with the model keys it was saved with")
+    if changed:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        print(f"resuming {path} with config keys changed since it was saved: {listed}", flush=True)
     return int(checkpoint["global_step"])
+
+
+def _differences(old, new, prefix: str = "") -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` for the leaves of two nested dicts that differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = {}
+        for key in [*old, *(k for k in new if k not in old)]:
+            out.update(_differences(old.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if old == new else {prefix.rstrip("."): (old, new)}
 
 
 def _tensorboard_available() -> bool:
