@@ -13,6 +13,8 @@ import pickle
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -484,3 +486,41 @@ def test_skeleton_has_the_model_shapes_and_leaves_torch_init_alone(monkeypatch):
     assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
     assert len(seen) == 2 and all(during == originals for during in seen)
     assert dict(vars(torch.nn.init)) == originals
+
+
+@pytest.mark.parametrize("atomic_exchange", [True, False])
+def test_a_checkpoint_read_while_it_is_resaved_is_never_a_mix(tmp_path, monkeypatch, atomic_exchange):
+    if not atomic_exchange:  # two renames: the directory is briefly missing, and readers wait for it
+        monkeypatch.setattr("zoo.checkpoint.files._exchange", lambda a, b: False)
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(tiny_model())
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    path = tmp_path / "ckpt"
+    models[0].save_pretrained(path, max_shard_size="8KB")  # several shards: a mix is possible
+    assert len(list(path.glob("model-*.safetensors"))) > 2
+    stop, errors = threading.Event(), []
+
+    def resave():
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                models[i % 2].save_pretrained(path, max_shard_size="8KB")
+            except Exception as err:  # noqa: BLE001  (reported by the main thread)
+                errors.append(err)
+
+    writer = threading.Thread(target=resave)
+    writer.start()
+    seen, deadline = set(), time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline:
+            loaded = zoo.from_pretrained(path).state_dict()
+            matches = [all(torch.equal(loaded[k], s[k]) for k in s) for s in states]
+            assert any(matches), "a load mixed the tensors of two checkpoints"
+            seen.add(matches.index(True))
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors and seen == {0, 1}

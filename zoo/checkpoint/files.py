@@ -9,12 +9,17 @@ sibling, fsynced, and renamed over the target, so a reader sees the old checkpoi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import glob
 import json
 import os
 import pickle
 import pickletools
 import re
 import shutil
+import sys
+import time
 import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -79,7 +84,9 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     if file.suffix == ".safetensors":
         try:
             return load_file(file)
-        except (SafetensorError, OSError, ValueError) as err:
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # RuntimeError: cannot open it
+            if not file.is_file():
+                raise CheckpointError(f"weights file {str(file)!r} disappeared while it was read") from err
             raise CheckpointError(f"{str(file)!r} is not a readable safetensors file "
                                   f"(truncated or corrupt?): {err}") from err
     zipped = zipfile.is_zipfile(file)  # torch.save's format since torch 1.6; older files are bare pickles
@@ -183,17 +190,65 @@ def _fsync(path: Path) -> None:
 def replace_dir(staging: Path, path: Path) -> None:
     """Move the finished ``staging`` directory to ``path`` (replacing a checkpoint there). Every file and
     the directory are fsynced before the rename and the parent after it, so that after a power cut
-    ``path`` holds the old checkpoint or the complete new one (or, cut between the two renames of a
-    replacement, nothing, the old checkpoint being at ``.<name>.old-*``)."""
+    ``path`` holds the old checkpoint or the complete new one. A replacement swaps the two directories in
+    one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), so ``path`` never disappears;
+    elsewhere it takes two renames, between which ``path`` is briefly missing (a power cut there leaves the
+    old checkpoint at ``.<name>.old-*``)."""
     for file in staging.iterdir():
         _fsync(file)
     _fsync(staging)
-    if path.exists():
+    if not path.exists():
+        os.replace(staging, path)
+    elif _exchange(staging, path):
+        shutil.rmtree(staging, ignore_errors=True)  # now the old checkpoint
+    else:
         retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
         os.replace(path, retired)
         os.replace(staging, path)
-        _fsync(path.parent)
         shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, path)
-        _fsync(path.parent)
+    _fsync(path.parent)
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap the two paths atomically
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directory entries (Linux 3.15+ on most filesystems); False where unsupported."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+def being_replaced(path: Path) -> bool:
+    """Whether a save is between the two renames of a replacement of ``path`` (a ``.<name>.old-*`` sibling)."""
+    return any(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+
+
+def wait_for_replacement(path: Path, attempts: int = 8) -> None:
+    """Wait (10 ms doubling, 2.5 s at most) while ``path/config.json`` is missing because a save is between
+    the two renames of a replacement."""
+    for attempt in range(attempts):
+        if (path / "config.json").is_file() or not being_replaced(path):
+            return
+        time.sleep(0.01 * 2 ** attempt)
+
+
+def directory_version(path: Path) -> tuple[int, ...] | None:
+    """What changes whenever a save replaces the checkpoint directory ``path`` (its inode, and its
+    ``config.json``'s inode and modification time), or None while it is missing."""
+    try:
+        directory, config = os.stat(path), os.stat(path / "config.json")
+    except FileNotFoundError:
+        return None
+    return directory.st_ino, config.st_ino, config.st_mtime_ns

@@ -11,7 +11,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from zoo.checkpoint.files import is_checkpoint_file
+from zoo.checkpoint.files import being_replaced, is_checkpoint_file, wait_for_replacement
 from zoo.errors import CheckpointError
 
 HUB_PREFIX = "hf-hub:"
@@ -47,8 +47,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     """The local directory of a checkpoint: ``path_or_repo_id`` itself if it is a directory, else the
     Hub snapshot of that repo at ``revision`` (downloaded into the cache, or found there offline)."""
     path = Path(path_or_repo_id)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    if path.is_dir() or being_replaced(path):
+        wait_for_replacement(path)  # read_checkpoint then retries a read that a replacement overtakes
+        if not (path / "config.json").is_file() and not being_replaced(path):
             raise CheckpointError(f"{str(path)!r} has no config.json, so it is not a checkpoint directory")
         return path
     repo_id = str(path_or_repo_id)

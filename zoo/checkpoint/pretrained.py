@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Mapping
@@ -22,7 +23,7 @@ import torch
 from huggingface_hub import save_torch_state_dict
 
 from zoo.checkpoint.card import model_card
-from zoo.checkpoint.files import check_replaceable, read_json, read_state_dict, replace_dir
+from zoo.checkpoint.files import check_replaceable, directory_version, read_json, read_state_dict, replace_dir
 from zoo.checkpoint.hub import HUB_PREFIX, resolve_checkpoint, upload_checkpoint
 from zoo.checkpoint.importers import convert_checkpoint
 from zoo.errors import CheckpointError
@@ -31,6 +32,7 @@ from zoo.model import ModelConfig, ZooModel, build_skeleton, materialize
 from zoo.model.memory import check_fits
 
 FORMAT_VERSION = 2  # of config.json: 2 holds {"format_version", "model"}; zoo 0.1 wrote the run config (1)
+_READ_ATTEMPTS = 8  # of a checkpoint being replaced while read; backing off 10 ms doubling (2.5 s in all)
 _MTP_PREFIX = "mtp."  # multi-token prediction modules (zoo.model.mtp)
 
 
@@ -136,7 +138,27 @@ def read_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     """The model config and state dict (zoo names, high precision) of a checkpoint directory: a
     transformers checkpoint (``config.json`` with a ``model_type``) is converted by
     :mod:`zoo.checkpoint.importers`; fp8 weights (``quantization_config``, DeepSeek-V3 layout) are
-    dequantised by :func:`zoo.fp8.checkpoint.dequantize_state_dict`."""
+    dequantised by :func:`zoo.fp8.checkpoint.dequantize_state_dict`.
+
+    A save may replace the directory while it is read (a training run re-exporting it): the read is
+    repeated until the directory's version (:func:`~zoo.checkpoint.files.directory_version`) is the same
+    before and after it, so the result is the old checkpoint or the new one, never a mix of their files."""
+    for attempt in range(_READ_ATTEMPTS):
+        before = directory_version(directory)
+        try:
+            result = _read_checkpoint_once(directory)
+        except (CheckpointError, OSError):
+            if before is not None and directory_version(directory) == before:
+                raise  # the checkpoint itself is bad, not replaced under us
+            result = None
+        if result is not None and before is not None and directory_version(directory) == before:
+            return result
+        time.sleep(0.01 * 2 ** attempt)
+    raise CheckpointError(f"{str(directory)!r} changed or vanished each of the {_READ_ATTEMPTS} times it was read "
+                          "(is something saving to it in a loop?); try again")
+
+
+def _read_checkpoint_once(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     config = read_json(directory / "config.json")
     if "model_type" in config:
         return convert_checkpoint(config, read_state_dict(directory), str(directory))
