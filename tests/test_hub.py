@@ -174,8 +174,17 @@ def test_save_fsyncs_the_files_before_the_rename(tmp_path, monkeypatch):
         events.append(("replace", str(src), str(dst)))
         replace(src, dst)
 
+    import zoo.checkpoint.files as files
+
+    exchange = files._exchange
+
+    def recording_exchange(a, b):  # the atomic swap of a replacement, where the system has one
+        events.append(("replace", str(a), str(b)))
+        return exchange(a, b)
+
     monkeypatch.setattr(os, "fsync", recording_fsync)
     monkeypatch.setattr(os, "replace", recording_replace)
+    monkeypatch.setattr(files, "_exchange", recording_exchange)
     tiny_model().save_pretrained(tmp_path / "ckpt", extra_files={"tokenizer.json": "{}"})
     install = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / "ckpt"))
     staging = events[install][1]
