@@ -1,6 +1,8 @@
-"""MoE blocks: grouped dispatch vs the per-expert reference, router properties, balancing losses,
-Switch capacity, loss-free balancing. Tolerances: float32 dispatch 1e-5; float64 formulas 1e-12."""
+"""MoE blocks: grouped dispatch vs the per-expert reference, swapped-in dispatchers, router properties,
+balancing losses, Switch capacity, loss-free balancing.
+Tolerances: float32 dispatch 1e-5; float64 dispatch and formulas 1e-12."""
 
+import copy
 import math
 
 import pytest
@@ -10,7 +12,8 @@ from torch import nn
 
 import zoo
 from zoo.blocks.auxiliary import AuxCollector
-from zoo.blocks.experts import naive_experts, pad_groups, sort_by_expert
+from zoo.blocks.dispatch import LocalDispatcher
+from zoo.blocks.experts import Sorted, naive_experts, pad_groups, sort_by_expert
 from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
 from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
@@ -84,6 +87,59 @@ def test_padded_groups_keep_every_pair_and_pad_with_zero_weight_rows():
         assert (rows[:count] != 5).all() and (rows[count:] == 5).all()  # each expert's real rows first
         assert (indices[rows[:count]] == e).any(dim=1).all()
         start += padded_count
+
+
+class _PerExpertLoopDispatcher(nn.Module):
+    """Reference dispatcher: :func:`naive_experts`, each expert's tokens found by mask (dropless only)."""
+
+    def forward(self, x, routing, experts, capacity):
+        assert capacity is None
+        return naive_experts(x, routing.indices, routing.weights, experts.gate_up_proj, experts.down_proj)
+
+
+class _MovingRowsDispatcher(nn.Module):
+    """The all-to-all recipe of :mod:`zoo.blocks.dispatch` on one rank: the rows themselves move to the
+    experts, which run them with identity token ids and unit weights; the gate weights combine after."""
+
+    def forward(self, x, routing, experts, capacity):
+        pairs = sort_by_expert(routing.indices, routing.weights, experts.n_experts, capacity)
+        rows = x[pairs.token]  # (S, d): what would be sent to the ranks owning the experts
+        identity = Sorted(torch.arange(len(rows)), torch.ones(len(rows), dtype=pairs.weight.dtype),
+                          pairs.counts, pairs.offsets)
+        y = experts(rows, identity)  # (S, d): each row's expert output
+        out = torch.zeros(x.shape, dtype=y.dtype)
+        return out.index_add(0, pairs.token, y * pairs.weight[:, None].to(y.dtype))
+
+
+@pytest.mark.parametrize("layer_type", ["moe", "switch"])
+@pytest.mark.parametrize("dispatcher", [_PerExpertLoopDispatcher, _MovingRowsDispatcher])
+@pytest.mark.parametrize("dispatch, dtype, tol", [("loop", torch.float64, 1e-12), ("grouped_mm", torch.float32, 1e-5)])
+def test_swapped_in_dispatcher_matches_the_local_one(layer_type, dispatcher, dispatch, dtype, tol):
+    """A dispatcher assigned from outside (``layer.dispatcher = ...``) gives the local dispatcher's outputs
+    and gradients, router included; Switch runs at training, so its capacity drops tokens."""
+    if layer_type == "switch":
+        if dispatcher is _PerExpertLoopDispatcher:
+            pytest.skip("the per-expert reference is dropless")
+        layer = Switch(SwitchConfig(n_experts=4, d_hidden=16, capacity_factor=1.0, dispatch=dispatch), CTX)
+    else:
+        layer = moe(score_func="sigmoid", n_group=4, topk_group=2, top_k=3, n_shared_experts=1, dispatch=dispatch)
+    layer = layer.to(dtype).train()
+    swapped = copy.deepcopy(layer)
+    swapped.dispatcher = dispatcher()
+    assert isinstance(layer.dispatcher, LocalDispatcher)
+    x = torch.randn(3, 10, 32, dtype=dtype)
+    grad_out = torch.randn(3, 10, 32, dtype=dtype)
+    results = []
+    for m in (layer, swapped):
+        xx = x.clone().requires_grad_()
+        aux = AuxCollector()
+        out = m(xx, aux)
+        out.backward(grad_out)
+        results.append((out, xx.grad, *(p.grad for p in m.parameters())))
+        if layer_type == "switch":
+            assert aux.metrics["dropped_fraction"][0] > 0
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 # --------------------------------------------------------------------------- router

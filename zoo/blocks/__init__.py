@@ -8,6 +8,9 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.blocks.auxiliary.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.
+* ``dispatcher``: ``forward(x, routing, experts, capacity) -> y`` moves a MoE layer's routed tokens to
+  its experts and combines their outputs (:mod:`zoo.blocks.dispatch`, which says how an expert-parallel
+  all-to-all dispatcher plugs in); built as ``Dispatcher(config)``, assigned as ``moe.dispatcher``.
 
 Any module may also define ``on_optimizer_step(all_reduce)``: the trainer calls it once after each
 optimizer step (so after a whole accumulated batch), with ``all_reduce(tensor) -> tensor`` summing a
@@ -17,4 +20,4 @@ Such a module keeps what its forward counts in its own buffers: when ``train.ski
 batch, the trainer restores those buffers as they were before that batch's forward.
 """
 
-from zoo.blocks import attention, mla, mlp, moe, norm, retention  # noqa: F401
+from zoo.blocks import attention, dispatch, mla, mlp, moe, norm, retention  # noqa: F401
