@@ -1,5 +1,5 @@
 """MoE blocks: grouped dispatch vs the per-expert reference, swapped-in dispatchers, router properties,
-balancing losses, Switch capacity, loss-free balancing.
+balancing losses, Switch capacity, loss-free balancing (counted once under activation checkpointing).
 Tolerances: float32 dispatch 1e-5; float64 dispatch and formulas 1e-12."""
 
 import copy
@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import zoo
 from zoo.blocks.auxiliary import AuxCollector
@@ -425,3 +426,57 @@ def one_thread():
 def test_loss_free_balancing_fixes_a_skewed_router_and_gamma_zero_does_not(one_thread):
     assert _train_skewed(gamma=0.0) > 1.0
     assert _train_skewed(gamma=1e-3) < 0.2  # DeepSeek-V3's gamma
+
+
+class _Checkpointed(nn.Module):
+    """A decoder block whose forward is recomputed during backward (activation checkpointing)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, aux, state=None):
+        return checkpoint(self.block, x, aux, state, use_reentrant=False)
+
+
+def test_checkpointed_blocks_count_expert_loads_once_per_step():
+    """Checkpointing re-runs each MoE layer's forward in backward; the loss-free balancing loads, the
+    router statistics and so the bias update must be those of the plain run."""
+    plain = zoo.create_model("deepseek-moe-tiny", n_layers=3, d_model=64, mixer={"n_heads": 4, "n_kv_heads": 2},
+                             ffn={"d_hidden": 32}).train()
+    recomputed = copy.deepcopy(plain)
+    recomputed.blocks = nn.ModuleList(_Checkpointed(block) for block in recomputed.blocks)
+    ids = torch.randint(0, 257, (2, 16))
+    outputs, routers = [], []
+    for model in (plain, recomputed):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outputs.append(out)
+        routers.append([m for m in model.modules() if isinstance(m, Router)])
+    assert len(routers[1]) == 2
+    for a, b in zip(*routers):
+        assert a.expert_load.sum() == 2 * 16 * 4  # tokens x top_k, once
+        assert torch.equal(b.expert_load, a.expert_load)
+        for r in (a, b):
+            r.on_optimizer_step(lambda t: t)
+        assert a.expert_bias.abs().sum() > 0 and torch.equal(b.expert_bias, a.expert_bias)
+    assert all(len(out.router_stats) == 2 for out in outputs), "one entry per MoE layer, none from recomputing"
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss, rtol=0, atol=0)
+    for p, q in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_closed_collector_records_nothing_and_a_layer_alone_counts_its_load():
+    aux = AuxCollector()
+    assert aux.add_router_stats(torch.ones(4)) is True
+    aux.close()
+    assert aux.add_router_stats(torch.ones(4)) is False
+    aux.add_loss("aux_loss", torch.tensor(1.0))
+    aux.add_metric("dropped_fraction", torch.tensor(0.5))
+    assert len(aux.router_stats) == 1 and not aux.losses and not aux.metrics
+
+    layer = moe(loss_free_bias=True).train()
+    layer(torch.randn(2, 12, 32))  # no collector: the layer counts its load itself
+    assert layer.router.expert_load.sum() == 2 * 12 * 2
+    layer(torch.randn(2, 12, 32), aux)  # a closed collector: a recomputation, already counted
+    assert layer.router.expert_load.sum() == 2 * 12 * 2

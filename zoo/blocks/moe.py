@@ -112,6 +112,11 @@ class MoE(nn.Module):
     ``expert_init_scale`` multiplies the variance of the routed experts' initial weights (Switch's
     reduced scale ``s``). Reports ``aux.add_router_stats`` (tokens routed to each expert, before any
     drop) and the weighted balancing losses while training.
+
+    While training, the routed counts go to the router's loss-free balancing load once per forward
+    pass: only when ``aux`` records them, so a recomputation of this layer (activation checkpointing
+    re-runs it during backward, after the model closed ``aux``) counts nothing; without ``aux`` (the
+    layer called alone) they are counted directly.
     """
 
     def __init__(self, config: MoEConfig, ctx: BlockContext, capacity_factor: float | None = None,
@@ -151,12 +156,15 @@ class MoE(nn.Module):
             out = out + shared
         if aux is not None:
             self._report(aux, routing, B, T, capacity)
+        elif self.training:
+            self.router.record_load(torch.bincount(routing.indices.flatten(), minlength=E))
         return out.to(x.dtype).reshape(B, T, d)
 
     def _report(self, aux: AuxCollector, routing, B: int, T: int, capacity: int | None) -> None:
         config, E = self.config, self.config.n_experts
         routed = torch.bincount(routing.indices.flatten(), minlength=E)  # (E,)
-        aux.add_router_stats(routed)
+        if aux.add_router_stats(routed) and self.training:
+            self.router.record_load(routed)
         if capacity is not None:  # sort_by_expert keeps min(routed, capacity) rows of each expert
             dropped = (routed - routed.clamp(max=capacity)).sum() / routing.indices.numel()
             aux.add_metric("dropped_fraction", dropped)
