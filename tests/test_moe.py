@@ -1,16 +1,20 @@
-"""MoE blocks: grouped dispatch vs the per-expert reference, router properties, balancing losses,
-Switch capacity, loss-free balancing. Tolerances: float32 dispatch 1e-5; float64 formulas 1e-12."""
+"""MoE blocks: grouped dispatch vs the per-expert reference, swapped-in dispatchers, router properties,
+balancing losses, Switch capacity, loss-free balancing (counted once under activation checkpointing).
+Tolerances: float32 dispatch 1e-5; float64 dispatch and formulas 1e-12."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import zoo
 from zoo.blocks.auxiliary import AuxCollector
-from zoo.blocks.experts import naive_experts, pad_groups, sort_by_expert
+from zoo.blocks.dispatch import LocalDispatcher
+from zoo.blocks.experts import Sorted, naive_experts, pad_groups, sort_by_expert
 from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
 from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
@@ -85,6 +89,59 @@ def test_padded_groups_keep_every_pair_and_pad_with_zero_weight_rows():
         assert (rows[:count] != 5).all() and (rows[count:] == 5).all()  # each expert's real rows first
         assert (indices[rows[:count]] == e).any(dim=1).all()
         start += padded_count
+
+
+class _PerExpertLoopDispatcher(nn.Module):
+    """Reference dispatcher: :func:`naive_experts`, each expert's tokens found by mask (dropless only)."""
+
+    def forward(self, x, routing, experts, capacity):
+        assert capacity is None
+        return naive_experts(x, routing.indices, routing.weights, experts.gate_up_proj, experts.down_proj)
+
+
+class _MovingRowsDispatcher(nn.Module):
+    """The all-to-all recipe of :mod:`zoo.blocks.dispatch` on one rank: the rows themselves move to the
+    experts, which run them with identity token ids and unit weights; the gate weights combine after."""
+
+    def forward(self, x, routing, experts, capacity):
+        pairs = sort_by_expert(routing.indices, routing.weights, experts.n_experts, capacity)
+        rows = x[pairs.token]  # (S, d): what would be sent to the ranks owning the experts
+        identity = Sorted(torch.arange(len(rows)), torch.ones(len(rows), dtype=pairs.weight.dtype),
+                          pairs.counts, pairs.offsets)
+        y = experts(rows, identity)  # (S, d): each row's expert output
+        out = torch.zeros(x.shape, dtype=y.dtype)
+        return out.index_add(0, pairs.token, y * pairs.weight[:, None].to(y.dtype))
+
+
+@pytest.mark.parametrize("layer_type", ["moe", "switch"])
+@pytest.mark.parametrize("dispatcher", [_PerExpertLoopDispatcher, _MovingRowsDispatcher])
+@pytest.mark.parametrize("dispatch, dtype, tol", [("loop", torch.float64, 1e-12), ("grouped_mm", torch.float32, 1e-5)])
+def test_swapped_in_dispatcher_matches_the_local_one(layer_type, dispatcher, dispatch, dtype, tol):
+    """A dispatcher assigned from outside (``layer.dispatcher = ...``) gives the local dispatcher's outputs
+    and gradients, router included; Switch runs at training, so its capacity drops tokens."""
+    if layer_type == "switch":
+        if dispatcher is _PerExpertLoopDispatcher:
+            pytest.skip("the per-expert reference is dropless")
+        layer = Switch(SwitchConfig(n_experts=4, d_hidden=16, capacity_factor=1.0, dispatch=dispatch), CTX)
+    else:
+        layer = moe(score_func="sigmoid", n_group=4, topk_group=2, top_k=3, n_shared_experts=1, dispatch=dispatch)
+    layer = layer.to(dtype).train()
+    swapped = copy.deepcopy(layer)
+    swapped.dispatcher = dispatcher()
+    assert isinstance(layer.dispatcher, LocalDispatcher)
+    x = torch.randn(3, 10, 32, dtype=dtype)
+    grad_out = torch.randn(3, 10, 32, dtype=dtype)
+    results = []
+    for m in (layer, swapped):
+        xx = x.clone().requires_grad_()
+        aux = AuxCollector()
+        out = m(xx, aux)
+        out.backward(grad_out)
+        results.append((out, xx.grad, *(p.grad for p in m.parameters())))
+        if layer_type == "switch":
+            assert aux.metrics["dropped_fraction"][0] > 0
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 # --------------------------------------------------------------------------- router
@@ -370,3 +427,57 @@ def one_thread():
 def test_loss_free_balancing_fixes_a_skewed_router_and_gamma_zero_does_not(one_thread):
     assert _train_skewed(gamma=0.0) > 1.0
     assert _train_skewed(gamma=1e-3) < 0.2  # DeepSeek-V3's gamma
+
+
+class _Checkpointed(nn.Module):
+    """A decoder block whose forward is recomputed during backward (activation checkpointing)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, aux, state=None):
+        return checkpoint(self.block, x, aux, state, use_reentrant=False)
+
+
+def test_checkpointed_blocks_count_expert_loads_once_per_step():
+    """Checkpointing re-runs each MoE layer's forward in backward; the loss-free balancing loads, the
+    router statistics and so the bias update must be those of the plain run."""
+    plain = zoo.create_model("deepseek-moe-tiny", n_layers=3, d_model=64, mixer={"n_heads": 4, "n_kv_heads": 2},
+                             ffn={"d_hidden": 32}).train()
+    recomputed = copy.deepcopy(plain)
+    recomputed.blocks = nn.ModuleList(_Checkpointed(block) for block in recomputed.blocks)
+    ids = torch.randint(0, 257, (2, 16))
+    outputs, routers = [], []
+    for model in (plain, recomputed):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outputs.append(out)
+        routers.append([m for m in model.modules() if isinstance(m, Router)])
+    assert len(routers[1]) == 2
+    for a, b in zip(*routers):
+        assert a.expert_load.sum() == 2 * 16 * 4  # tokens x top_k, once
+        assert torch.equal(b.expert_load, a.expert_load)
+        for r in (a, b):
+            r.on_optimizer_step(lambda t: t)
+        assert a.expert_bias.abs().sum() > 0 and torch.equal(b.expert_bias, a.expert_bias)
+    assert all(len(out.router_stats) == 2 for out in outputs), "one entry per MoE layer, none from recomputing"
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss, rtol=0, atol=0)
+    for p, q in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_closed_collector_records_nothing_and_a_layer_alone_counts_its_load():
+    aux = AuxCollector()
+    assert aux.add_router_stats(torch.ones(4)) is True
+    aux.close()
+    assert aux.add_router_stats(torch.ones(4)) is False
+    aux.add_loss("aux_loss", torch.tensor(1.0))
+    aux.add_metric("dropped_fraction", torch.tensor(0.5))
+    assert len(aux.router_stats) == 1 and not aux.losses and not aux.metrics
+
+    layer = moe(loss_free_bias=True).train()
+    layer(torch.randn(2, 12, 32))  # no collector: the layer counts its load itself
+    assert layer.router.expert_load.sum() == 2 * 12 * 2
+    layer(torch.randn(2, 12, 32), aux)  # a closed collector: a recomputation, already counted
+    assert layer.router.expert_load.sum() == 2 * 12 * 2

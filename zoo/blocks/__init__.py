@@ -10,6 +10,9 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.blocks.auxiliary.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.
+* ``dispatcher``: ``forward(x, routing, experts, capacity) -> y`` moves a MoE layer's routed tokens to
+  its experts and combines their outputs (:mod:`zoo.blocks.dispatch`, which says how an expert-parallel
+  all-to-all dispatcher plugs in); built as ``Dispatcher(config)``, assigned as ``moe.dispatcher``.
 
 Construction and initialisation are apart. A constructor only allocates (``torch.empty``) and stores the
 init scales it needs from its :class:`zoo.registry.BlockContext` (``init_std``, ``residual_init_std``); models
@@ -28,4 +31,4 @@ Such a module keeps what its forward counts in its own buffers: when ``train.ski
 batch, the trainer restores those buffers as they were before that batch's forward.
 """
 
-from zoo.blocks import attention, mla, mlp, moe, norm, retention  # noqa: F401
+from zoo.blocks import attention, dispatch, mla, mlp, moe, norm, retention  # noqa: F401

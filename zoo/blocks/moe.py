@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from zoo.blocks.auxiliary import AuxCollector
-from zoo.blocks.experts import Dispatch, Experts, sort_by_expert
+from zoo.blocks.dispatch import LocalDispatcher, LocalDispatcherConfig
+from zoo.blocks.experts import Dispatch, Experts
 from zoo.blocks.mlp import SwiGLU
 from zoo.blocks.router import (Router, ScoreFunc, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
@@ -105,10 +106,17 @@ class SwitchConfig:
 class MoE(nn.Module):
     """Routed experts (+ shared experts); ``forward(x (B, T, d), aux) -> (B, T, d)``.
 
-    ``capacity_factor`` (Switch) limits each expert to ``ceil(capacity_factor * B T k / E)`` tokens at
-    training only. ``expert_init_scale`` multiplies the variance of the routed experts' initial weights
-    (Switch's reduced scale ``s``). Reports ``aux.add_router_stats`` (tokens routed to each expert,
-    before any drop) and the weighted balancing losses while training.
+    The router chooses, ``self.dispatcher`` moves the tokens to ``self.experts`` and their outputs back
+    (:mod:`zoo.blocks.dispatch`; parallelism code may assign another dispatcher). ``capacity_factor``
+    (Switch) limits each expert to ``ceil(capacity_factor * B T k / E)`` tokens at training only.
+    ``expert_init_scale`` multiplies the variance of the routed experts' initial weights (Switch's
+    reduced scale ``s``). Reports ``aux.add_router_stats`` (tokens routed to each expert, before any
+    drop) and the weighted balancing losses while training.
+
+    While training, the routed counts go to the router's loss-free balancing load once per forward
+    pass: only when ``aux`` records them, so a recomputation of this layer (activation checkpointing
+    re-runs it during backward, after the model closed ``aux``) counts nothing; without ``aux`` (the
+    layer called alone) they are counted directly.
     """
 
     def __init__(self, config: MoEConfig, ctx: BlockContext, capacity_factor: float | None = None,
@@ -121,6 +129,7 @@ class MoE(nn.Module):
                              config.norm_topk_prob, config.routed_scaling_factor, config.n_group,
                              config.topk_group, config.jitter_noise, config.loss_free_bias,
                              config.bias_update_rate)
+        self.dispatcher = LocalDispatcher(LocalDispatcherConfig())
         self.experts = Experts(config.n_experts, ctx.d_model, d_hidden, expert_std * ctx.init_std,
                                expert_std * ctx.residual_init_std, config.dispatch)
         self.shared = self.shared_gate = None
@@ -144,24 +153,26 @@ class MoE(nn.Module):
         capacity = None
         if self.training and self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * B * T * k / E)
-        pairs = sort_by_expert(routing.indices, routing.weights, E, capacity)
-        out = self.experts(flat, pairs)  # (B T, d) float32
+        out = self.dispatcher(flat, routing, self.experts, capacity)  # (B T, d) float32
         if self.shared is not None:
             shared = self.shared(flat)
             if self.shared_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_gate(flat))
             out = out + shared
         if aux is not None:
-            self._report(aux, routing, pairs, B, T, capacity)
+            self._report(aux, routing, B, T, capacity)
+        elif self.training:
+            self.router.record_load(torch.bincount(routing.indices.flatten(), minlength=E))
         return out.to(x.dtype).reshape(B, T, d)
 
-    def _report(self, aux: AuxCollector, routing, pairs, B: int, T: int, capacity: int | None) -> None:
+    def _report(self, aux: AuxCollector, routing, B: int, T: int, capacity: int | None) -> None:
         config, E = self.config, self.config.n_experts
-        routed = torch.bincount(routing.indices.flatten(), minlength=E)
-        aux.add_router_stats(routed)
-        if capacity is not None:
-            dropped = 1 - pairs.token.numel() / routing.indices.numel()
-            aux.add_metric("dropped_fraction", torch.tensor(dropped, device=routed.device))
+        routed = torch.bincount(routing.indices.flatten(), minlength=E)  # (E,)
+        if aux.add_router_stats(routed) and self.training:
+            self.router.record_load(routed)
+        if capacity is not None:  # sort_by_expert keeps min(routed, capacity) rows of each expert
+            dropped = (routed - routed.clamp(max=capacity)).sum() / routing.indices.numel()
+            aux.add_metric("dropped_fraction", dropped)
         if not self.training:
             return
         if config.aux_loss_weight:

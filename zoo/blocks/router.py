@@ -7,10 +7,12 @@ Eq. 16): the bias ``b`` only steers which experts are chosen. Group-limited rout
 ``n_group``/``topk_group``) keeps the ``topk_group`` groups with the largest sum of their top-2 biased
 scores and picks the top-k inside them.
 
-Loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1): during training the router
-counts the tokens sent to each expert; after each optimizer step :meth:`Router.on_optimizer_step`
-moves ``b_i += gamma * sign(mean_load - load_i)`` from the counts of the whole (accumulated,
-all-reduced) batch. ``b`` is a float32 buffer saved in checkpoints and never gets a gradient.
+Loss-free balancing (Wang et al. 2024, arXiv 2408.15664, Algorithm 1): during training the MoE
+layer adds the tokens sent to each expert with :meth:`Router.record_load`, once per forward pass (the
+layer, not the router's forward, knows whether a pass is a recomputation); after each optimizer step
+:meth:`Router.on_optimizer_step` moves ``b_i += gamma * sign(mean_load - load_i)`` from the counts of
+the whole (accumulated, all-reduced) batch. ``b`` is a float32 buffer saved in checkpoints and never
+gets a gradient.
 
 The router losses are plain, unweighted functions of the router outputs. The balance losses
 :func:`switch_aux_loss` and :func:`sequence_aux_loss` equal 1 at perfectly uniform routing, so each
@@ -92,8 +94,6 @@ class Router(nn.Module):
             if self.norm_topk_prob:
                 weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
             weights = weights * self.routed_scaling_factor
-        if self.expert_load is not None and self.training:
-            self.expert_load += torch.bincount(indices.flatten(), minlength=self.n_experts)
         return Routing(weights, indices, logits, scores)
 
     def _select(self, scores: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,13 @@ class Router(nn.Module):
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
             biased = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
         return biased.topk(self.top_k, dim=-1).indices
+
+    @torch.no_grad()
+    def record_load(self, tokens_per_expert: torch.Tensor) -> None:
+        """Add ``(n_experts,)`` routed-token counts to the load of the next balancing update (a no-op
+        without ``loss_free_bias``)."""
+        if self.expert_load is not None:
+            self.expert_load += tokens_per_expert
 
     @torch.no_grad()
     def on_optimizer_step(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:

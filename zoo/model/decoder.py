@@ -110,6 +110,7 @@ class ZooModel(nn.Module):
             out.aux_loss = aux.total_loss()
             out.mtp_loss = mtp_loss
             out.loss = sum(x for x in (out.aux_loss, out.mtp_loss) if x is not None) + out.lm_loss
+        aux.close()  # a checkpointed block recomputed in backward reports nothing, counts nothing twice
         return out
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, shift: int = 1) -> torch.Tensor:
