@@ -122,7 +122,7 @@ def test_swapped_in_dispatcher_matches_the_local_one(layer_type, dispatcher, dis
     if layer_type == "switch":
         if dispatcher is _PerExpertLoopDispatcher:
             pytest.skip("the per-expert reference is dropless")
-        layer = Switch(SwitchConfig(n_experts=4, d_hidden=16, capacity_factor=1.0, dispatch=dispatch), CTX)
+        layer = init_weights(Switch(SwitchConfig(n_experts=4, d_hidden=16, capacity_factor=1.0, dispatch=dispatch), CTX))
     else:
         layer = moe(score_func="sigmoid", n_group=4, topk_group=2, top_k=3, n_shared_experts=1, dispatch=dispatch)
     layer = layer.to(dtype).train()

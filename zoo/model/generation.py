@@ -45,17 +45,11 @@ def _in_eval_mode(decode):
     return wrapper
 
 
-class _DiscardingAux(AuxCollector):
-    """An AuxCollector that keeps nothing: decoding makes many passes and needs no losses or counts."""
-
-    def add_loss(self, name: str, weighted_loss: torch.Tensor) -> None:
-        pass
-
-    def add_router_stats(self, tokens_per_expert: torch.Tensor) -> None:
-        pass
-
-    def add_metric(self, name: str, value: torch.Tensor) -> None:
-        pass
+def _discarding_aux() -> AuxCollector:
+    """A closed collector: it keeps nothing (decoding makes many passes and needs no losses or counts)."""
+    aux = AuxCollector()
+    aux.close()
+    return aux
 
 
 @_in_eval_mode
@@ -152,7 +146,7 @@ def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 6
     capacity = T + max_new_tokens + D + 1
     seq = input_ids.new_zeros(1, capacity)  # committed tokens, then this step's drafts
     seq[:, :T] = input_ids
-    aux = _DiscardingAux()
+    aux = _discarding_aux()
     main_states = model.init_states(1, capacity)
     mtp_states = model.init_states(1, capacity, [module.block for module in mtp.layers])
     done = [0] * (D + 1)  # done[k]: positions held in depth k's state (k >= 1)
