@@ -2,7 +2,7 @@
 
 The routed ``(token, expert)`` pairs are sorted by expert (stable, so ties keep token order); each
 expert's rows are then contiguous and both projections of every expert run as one grouped GEMM
-(``torch._grouped_mm``, which has CPU and Hopper kernels in torch 2.13) with ``offs`` the cumulative
+(``torch._grouped_mm``, which has CPU and Hopper kernels) with ``offs`` the cumulative
 row counts. The expert outputs are weighted and summed back per token in float32 with ``index_add_``
 over the sorted token ids (deterministic: a serial scatter on CPU). Forward and backward are one
 hand-written autograd node (:class:`_GroupedSwiGLU`, four grouped GEMMs in the backward), which also

@@ -1,20 +1,14 @@
-"""Mixture-of-Experts FFNs: ``switch`` (top-1 with expert capacity) and ``moe`` (top-k, shared experts).
+"""Mixture-of-Experts FFNs: ``switch`` (:class:`Switch`, top-1 with expert capacity) and ``moe``
+(:class:`TopKMoE`, top-k with shared experts); their class docstrings cite the equations they implement.
 
-``switch`` (Fedus et al. 2021, "Switch Transformers", §2.1-2.2): a float32 softmax router sends each
-token to one expert and the output is ``p_i(x) E_i(x)`` (Eq. 2 with k = 1). At training each expert
-takes at most ``ceil(capacity_factor * tokens / n_experts)`` tokens (Eq. 3); the overflow is dropped
-(the FFN outputs zero, so those tokens pass through the residual) and the dropped fraction is
-reported. Evaluation and generation are dropless, so outputs stay causal.
-
-``moe``: token-choice top-k over ``n_experts`` routed experts plus ``n_shared_experts`` always-on ones
-(DeepSeekMoE, Dai et al. 2024, Eq. 9; DeepSeek-V3, arXiv 2412.19437, Eq. 12-16), the shared output
-optionally scaled by ``sigmoid(w . x)`` as in Qwen2-MoE; softmax or sigmoid scores, group-limited
-routing and the auxiliary-loss-free bias (see :mod:`zoo.blocks.router`). Dropless.
-
-Balancing losses, any combination, each added already weighted: ``aux_loss`` (Switch Eq. 4,
-``alpha * E * sum_i f_i P_i``), ``seq_aux_loss`` (DeepSeek-V3 Eq. 17-20), ``z_loss`` (ST-MoE,
-Zoph et al. 2022, Eq. 5). Dense layers among MoE ones (first-k-dense, every-other-layer) come from
-per-layer overrides: ``model.layers: {0: {ffn: {type: mlp}}}``.
+Both route with :class:`~zoo.blocks.router.Router`, hand the tokens to their dispatcher
+(:mod:`zoo.blocks.dispatch`) and compute with packed :class:`~zoo.blocks.experts.Experts`. Capacity drops
+happen at training only (dropped tokens get a zero output and pass through the residual); evaluation and
+generation are dropless, so outputs stay causal. Balancing losses, any combination, each added already
+weighted: ``aux_loss`` (:func:`~zoo.blocks.router.switch_aux_loss`), ``seq_aux_loss``
+(:func:`~zoo.blocks.router.sequence_aux_loss`), ``z_loss`` (:func:`~zoo.blocks.router.router_z_loss`). Dense
+layers among MoE ones (first-k-dense, every-other-layer) come from per-layer overrides:
+``model.layers: {0: {ffn: {type: mlp}}}``.
 """
 
 from __future__ import annotations
@@ -199,7 +193,8 @@ class TopKMoE(MoE):
     ``s_{i,t} = sigmoid(u_t . e_i)`` (Eq. 15; or softmax, Mixtral); the top-``top_k`` experts are chosen by
     ``s_{i,t} + b_i`` (Eq. 16; ``b`` is the loss-free bias, zero without it) and gated by the unbiased
     ``g'_{i,t} = s_{i,t}`` (Eq. 14), normalised ``g_{i,t} = g'_{i,t} / sum_j g'_{j,t}`` (Eq. 13, with
-    ``norm_topk_prob``) and multiplied by ``routed_scaling_factor``. ``(B, T, d) -> (B, T, d)``.
+    ``norm_topk_prob``) and multiplied by ``routed_scaling_factor``. ``shared_expert_gate`` scales the
+    shared output by ``sigmoid(w . u_t)`` as Qwen2-MoE does. ``(B, T, d) -> (B, T, d)``.
     """
 
 
@@ -216,7 +211,7 @@ class Switch(MoE):
     expert's ``p_i(x) E_i(x)`` (Eq. 2 with one expert, the gate not renormalised). At training each expert
     takes at most ``ceil(capacity_factor * tokens / n_experts)`` tokens (§2.2, Eq. 3), the earliest first;
     the overflow gets a zero output and passes through the residual. Load-balancing loss
-    ``aux_loss_weight * N * sum_i f_i P_i`` (Eq. 4-6); experts initialised at the reduced scale
+    ``aux_loss_weight`` times :func:`~zoo.blocks.router.switch_aux_loss`; experts initialised at the reduced scale
     ``s = 0.1`` (§2.4). ``(B, T, d) -> (B, T, d)``.
     """
 
