@@ -433,6 +433,41 @@ def test_hub_index_naming_a_shard_outside_the_snapshot_is_refused(hub, tmp_path)
     """, hub, tmp_path / "hf")
 
 
+def corrupt_cached_weights_and_expect_an_error(hf_home: str, repo_id: str) -> None:
+    """Flip a byte of ``repo_id``'s cached model.safetensors blob under ``hf_home``; loading must then fail
+    naming the file and both sha256s, and remove the blob and its snapshot link. Run in a Hub client."""
+    from zoo.errors import CheckpointError
+
+    snapshot = next(Path(hf_home).glob(f"hub/models--{repo_id.replace('/', '--')}/snapshots/*"))
+    blob = (snapshot / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    expected = rf"model.safetensors .*corrupt: its sha256 is [0-9a-f]{{64}}, but the Hub's is {blob.name}.*removed"
+    with pytest.raises(CheckpointError, match=expected):
+        zoo.from_pretrained(repo_id)
+    assert not blob.exists() and not (snapshot / "model.safetensors").exists()
+
+
+def test_corrupted_cached_weights_are_detected_removed_and_downloaded_again(hub, tmp_path):
+    """A flipped byte in a cached LFS blob is caught by its sha256 (the blob's name), offline too, and the
+    corrupted copy is removed, so the next online load downloads the original again."""
+    run_client(f"""
+        from test_hub import corrupt_cached_weights_and_expect_an_error
+        model = tiny_model()
+        model.push_to_hub("org/tiny")
+        assert_same_model(model, zoo.from_pretrained("org/tiny"))
+        corrupt_cached_weights_and_expect_an_error(r"{tmp_path / 'hf'}", "org/tiny")
+        assert_same_model(model, zoo.from_pretrained("org/tiny"))  # downloaded again
+    """, hub, tmp_path / "hf")
+    seen = len(hub.requests)
+    run_client(f"""
+        from test_hub import corrupt_cached_weights_and_expect_an_error
+        corrupt_cached_weights_and_expect_an_error(r"{tmp_path / 'hf'}", "org/tiny")
+    """, hub, tmp_path / "hf", HF_HUB_OFFLINE="1")
+    assert len(hub.requests) == seen  # the check needs no network
+
+
 def test_push_replaces_the_checkpoint_and_keeps_other_files(hub, tmp_path):
     config = {**{f"model.{k}": v for k, v in TINY.items()}, "hub.repo_id": "org/swap"}
     run_client(f"""

@@ -205,6 +205,14 @@ def test_resume_names_changed_keys_and_refuses_another_model_shape(tmp_path, cap
     assert "config keys changed since it was saved: train.max_steps: 2 -> 3; train.optimizer.lr: 0.003 -> 0.001" in out
 
 
+def test_resume_from_a_truncated_last_ckpt_names_the_file(tmp_path):
+    train(tiny_config(tmp_path, **{"train.max_steps": 2, "train.val_check_interval": 2, "train.sample_tokens": 0}))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:last.stat().st_size // 2])
+    with pytest.raises(ConfigError, match=r"checkpoints/last\.ckpt' is corrupt or truncated.*train\.overwrite=true"):
+        train(tiny_config(tmp_path, **{"train.max_steps": 3, "train.resume": True}))
+
+
 def test_bpe_run_sizes_the_model_and_its_tokenizer_json_trains_the_next_run(tmp_path):
     bpe = {"train.data.tokenizer": "bpe", "train.data.bpe_vocab_size": 300, "train.max_steps": 2,
            "train.val_check_interval": 2, "train.checkpoint_every": 2, "train.sample_tokens": 0}

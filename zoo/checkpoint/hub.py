@@ -1,11 +1,14 @@
 """Hub transfers through ``huggingface_hub`` (``snapshot_download``, ``HfApi.create_commit``), so
 ``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_HOME`` / ``HF_HUB_CACHE`` and revisions work as
 for any Hub library. A push replaces the repo's checkpoint files in one commit and keeps its other files.
+A pulled snapshot's weights are checked against the sha256 the Hub gave them before they are loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, snapshot_download
@@ -16,6 +19,8 @@ from zoo.errors import CheckpointError
 
 HUB_PREFIX = "hf-hub:"
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "README.md", "tokenizer*", "*.model", "*.txt"]
+_WEIGHTS_SUFFIXES = (".safetensors", ".bin")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def upload_checkpoint(folder: str | os.PathLike, repo_id: str, private: bool | None = None,
@@ -72,4 +77,35 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
                                 f"{constants.ENDPOINT} and is not in the cache {where}: {err}") from err
     if not (snapshot / "config.json").is_file():
         raise CheckpointError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no config.json")
+    verify_snapshot(snapshot)
     return snapshot
+
+
+def verify_snapshot(snapshot: Path) -> None:
+    """Check each weights file of the Hub cache snapshot ``snapshot`` against the sha256 the Hub gave it.
+
+    The cache keeps a snapshot's files as links to ``blobs/<etag>``, and an LFS file's etag is the sha256 of
+    its content, so the expected hash is the blob's name: the check needs no network. A blob with another
+    name (a git oid, or a copy where the system has no symlinks) carries no sha256 and is not checked. A
+    corrupted blob is deleted with its link, so that the next online load downloads it again, and
+    CheckpointError names the file and both hashes."""
+    for link in sorted(p for p in snapshot.rglob("*") if p.name.endswith(_WEIGHTS_SUFFIXES)):
+        blob = link.resolve()
+        if not (_SHA256.fullmatch(blob.name) and blob.parent.name == "blobs" and blob.is_file()):
+            continue
+        actual = _sha256(blob)
+        if actual != blob.name:
+            blob.unlink(missing_ok=True)  # another process may have removed it first
+            link.unlink(missing_ok=True)
+            raise CheckpointError(f"{link} in the Hugging Face cache is corrupt: its sha256 is {actual}, but the "
+                                  f"Hub's is {blob.name}. The corrupted cached copy ({blob}) was removed, so "
+                                  f"loading the model again downloads it anew")
+
+
+def _sha256(path: Path, chunk_size: int = 1 << 24) -> str:
+    """The sha256 hex digest of the file ``path``, read in chunks so that a large shard needs little memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -188,7 +188,7 @@ _RESUME_KEYS = ("train.resume", "train.out_dir", "train.overwrite")
 def _check_resume(path: Path, config: ZooConfig, module: ZooLightningModule) -> int:
     """The step of checkpoint ``path``, after printing which config keys differ from those it was saved with;
     ConfigError naming the differing ``model.*`` keys when its tensors do not fit ``module``'s shapes."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = _read_resume_checkpoint(path)
     stored = checkpoint.get("zoo", {}).get("config")
     changed = {} if stored is None else {key: values for key, values in _differences(stored, config.to_dict()).items()
                                          if key not in _RESUME_KEYS}
@@ -205,6 +205,23 @@ def _check_resume(path: Path, config: ZooConfig, module: ZooLightningModule) -> 
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
         print(f"resuming {path} with config keys changed since it was saved: {listed}", flush=True)
     return int(checkpoint["global_step"])
+
+
+def _read_resume_checkpoint(path: Path) -> dict:
+    """The checkpoint dict of ``path`` (tensors memory-mapped). A file that torch cannot read as a Lightning
+    checkpoint, such as one cut short by a full disk or a copy, is a ConfigError that names it and says how
+    to go on, raised before Lightning would report it as an mmap or zip error of its own."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not (isinstance(checkpoint, dict) and "global_step" in checkpoint):
+            raise ValueError(f"it holds a {type(checkpoint).__name__} without global_step")
+    except Exception as err:  # a damaged zip, a pickle that ends early, storages cut short
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConfigError(f"train.resume: checkpoint {str(path)!r} is corrupt or truncated and cannot be resumed "
+                          f"from ({type(err).__name__}{': ' + detail if detail else ''}); remove it and resume "
+                          "from a copy you trust with train.resume=<path>, or start the run afresh with "
+                          "train.overwrite=true") from err
+    return checkpoint
 
 
 def _differences(old, new, prefix: str = "") -> dict[str, tuple]:
