@@ -25,6 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 # The seams of zoo, one registry kind each: blocks of the decoder (mixer, ffn, norm), how the MoE layers
 # move tokens to their experts (dispatcher), transformations of a built model (converter), and what a
 # training step optimises (objective). Registering under another kind makes a new one.
@@ -99,8 +101,17 @@ def lookup(kind: str, name: str) -> Entry | None:
 
 
 def build(kind: str, name: str, config: Any, ctx: BlockContext):
+    """The registered block ``name`` of ``kind``, built from its ``config`` and ``ctx``.
+
+    A block with ``init_own_weights`` only allocates in its constructor (the init pass fills it), so it can be
+    built on the meta device. A block without it (a user's block of plain torch modules) initialises itself in
+    its constructor, as any torch module does: it is built on the CPU even inside a meta-device construction,
+    so what its constructor set (buffers included) survives; the model then moves it where the model goes."""
     entry = lookup(kind, name)
     if entry is None:
         raise KeyError(f"no {kind} block named {name!r}; registered: {available(kind)}")
-    return entry.block(config, ctx)
+    if hasattr(entry.block, "init_own_weights"):
+        return entry.block(config, ctx)
+    with torch.device("cpu"):
+        return entry.block(config, ctx)
 

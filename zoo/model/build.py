@@ -85,9 +85,11 @@ def build_skeleton(config: ModelConfig) -> ZooModel:
 
 
 def _allocate(module: nn.Module, device, recurse: bool = True) -> nn.Module:
-    """``module.to_empty(device=device, recurse=recurse)`` with ``torch.empty`` for its ``empty_like``, whose
-    meta-tensor path runs a Python reference that imports sympy."""
-    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device), recurse=recurse)
+    """``module.to_empty(device=device, recurse=recurse)`` for its meta tensors, with ``torch.empty`` for
+    ``empty_like`` (whose meta-tensor path runs a Python reference that imports sympy); tensors that already
+    hold values (a block that initialised itself, see :func:`zoo.registry.build`) keep them, moved to ``device``."""
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device) if t.is_meta else t.to(device),
+                         recurse=recurse)
 
 
 def _initialisers(root: nn.Module) -> Iterator[tuple[Callable[[], None], Holders]]:
