@@ -616,3 +616,19 @@ def test_moe_layers_with_different_expert_counts(tmp_path):
     assert column(rows, "val/maxvio")[2] == pytest.approx(expected, rel=1e-5)
     assert moe_max_violation([torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0, 2.0])]) == pytest.approx(0.25)
     assert (tmp_path / "expert_load.png").stat().st_size > 0
+
+
+def test_sigterm_to_rank_zero_stops_every_ddp_rank_with_a_checkpoint(tmp_path):
+    """A scheduler's SIGTERM reaching only the launching process (rank 0) stops both DDP ranks at the same step
+    (the stop decision is reduced over ranks), which save ``last.ckpt`` and exit; ``train.py`` exits 143."""
+    proc = subprocess.Popen(_train_py(tmp_path, **{"train.max_steps": 100_000, "train.checkpoint_every": 1,
+                                                   "train.val_check_interval": 100_000, "train.batch_size": 4,
+                                                   "train.trainer.devices": 2, "train.trainer.strategy": "ddp"}),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    _wait_for(checkpoint.is_file, proc, timeout=180)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    step = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 1 <= step < 100_000 and f"stopped at step {step}" in out
