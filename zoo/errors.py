@@ -5,7 +5,6 @@ Every layer may import this module; it imports nothing of zoo.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 
@@ -23,20 +22,6 @@ def require_positive(config: Any, *names: str) -> None:
         value = getattr(config, name)
         if value is not None and not value > 0:
             raise ConfigError(f"{name} must be positive, got {value}")
-
-
-def require_non_negative(config: Any, *names: str) -> None:
-    """Raise ConfigError naming each of ``names`` (fields of ``config``) that is set and not >= 0."""
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and not value >= 0:
-            raise ConfigError(f"{name} must be >= 0, got {value}")
-
-
-def require_finite(path: str, value: Any) -> None:
-    """Raise ConfigError naming ``path`` when ``value`` is a float that is NaN or infinite."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{path}: {value!r} is not a finite number")
 
 
 def prefixed(path: str, check: Callable[..., None], *args) -> None:
