@@ -1,7 +1,8 @@
 """Adapters (zoo.adapters): LoRA (Hu et al. 2021, Eq. 3) and DoRA (Liu et al. 2024, Eq. 5) on dense, GQA, fused
 and MoE projections, checked against float64 references; the frozen base; switching the adapter off; merging."""
 
-import math
+import json
+import shutil
 
 import pytest
 import torch
@@ -181,3 +182,102 @@ def test_adapted_models_stay_causal(preset):
     a, b = model(x).logits, model(changed).logits  # float64: earlier positions equal up to rounding (chunking)
     torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-12)
     assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- QLoRA: NF4 bases (torchao)
+
+
+def test_nf4_round_trip_error_is_within_the_formats_bound():
+    """QLoRA §3: each block of 64 weights is scaled by its absmax c and rounded to the nearest NF4 code q_j, so
+    |w - c q(w / c)| <= c * max_j (q_{j+1} - q_j) / 2. Double quantisation stores c as an int8 offset from the
+    mean of all c, in steps of 2 a / 256 (a: the largest |c - mean| of its group of scales), so the stored c'
+    differs from c by at most one step (half a step from rounding, a full one where 128 is clamped to 127), and
+    |c q - c' q| <= |c - c'| as |q| <= 1. Bound per weight: c * gap / 2 + 2 a / 256, plus float32 rounding."""
+    from zoo.adapters.nf4 import NF4_BLOCK, dense_weight, to_nf4
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * torch.rand(64, 1) * 0.1
+    quantized = to_nf4(weight)
+    error = (dense_weight(quantized) - weight).abs().view(-1, NF4_BLOCK)  # (blocks, 64)
+    absmax = weight.abs().view(-1, NF4_BLOCK).amax(dim=1)  # c per block
+    codes = quantized.nf4.sort().values
+    assert codes.numel() == 16 and codes[0] == -1 and codes[-1] == 1
+    half_gap = (codes.diff().max() / 2).item()
+    scale_step = 2 * (absmax - absmax.mean()).abs().view(-1, quantized.scaler_block_size).amax(dim=1) / 256
+    bound = absmax * half_gap + scale_step.repeat_interleave(quantized.scaler_block_size) + 1e-6
+    assert (error <= bound[:, None]).all(), (error.amax(dim=1) / bound).max()
+    assert error.max() > 0.2 * (absmax * half_gap).max()  # a real 4-bit error, not a lossless copy
+    assert quantized.quantized_data.dtype == torch.uint8 and quantized.quantized_data.numel() == weight.numel() // 2
+
+
+def test_qlora_trains_only_the_adapter_and_merges_by_dequantising():
+    torch.manual_seed(0)
+    model = tiny("dense-tiny", {"type": "lora", "r": 2, "base_quant": "nf4"}, dtype=torch.float32)
+    qkv = model.blocks[0].mixer.qkv
+    assert type(qkv.weight).__name__ == "NF4Tensor" and not qkv.weight.requires_grad
+    randomise_adapter(model)
+    x = ids()
+    adapted = model(x).logits
+    model.train()
+    model(x, labels=x).loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    dequantized = qkv.weight.get_original_weight().clone()
+    merged = model.merge_adapter()
+    assert type(merged.blocks[0].mixer.qkv.weight) is torch.nn.Parameter
+    torch.testing.assert_close(merged.blocks[0].mixer.qkv.weight, dequantized + qkv.delta_weight(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged(x).logits, adapted, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- checkpoints and training
+
+
+def test_adapter_checkpoints_hold_the_adapter_only_and_reload_exactly(tmp_path):
+    base = tiny("deepseek-moe-tiny", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    model = zoo.from_pretrained(tmp_path / "base")
+    zoo.add_adapter(model, {"type": "lora", "r": 2, "dora": True}, base=str(tmp_path / "base"))
+    randomise_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model"] == str(tmp_path / "base") and saved["adapter"]["type"] == "lora"
+    model.save_pretrained(tmp_path / "adapter")  # an adapter directory is replaced as a whole
+    loaded = zoo.from_pretrained(tmp_path / "adapter")
+    x = ids()
+    assert has_adapter(loaded) and torch.equal(loaded.eval()(x).logits, model.eval()(x).logits)
+    assert loaded.num_parameters(trainable=True) == model.num_parameters(trainable=True)
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(zoo.CheckpointError, match=r"its base model '.*base' cannot be loaded .* pass base="):
+        zoo.from_pretrained(tmp_path / "adapter")
+
+
+def test_a_two_step_run_with_an_adapter_leaves_the_base_bitwise_unchanged(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from zoo.train.run import train
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, module):
+            self.before = {n: t.clone() for n, t in module.model.state_dict().items()}
+
+    config = zoo.load_config("dense-tiny", {
+        "model.vocab_size": None, "model.d_model": 32, "model.n_layers": 1, "model.max_seq_len": 32,
+        "model.mixer": {"n_heads": 4, "n_kv_heads": 2}, "model.ffn": {"d_hidden": 64},
+        "model.adapter": {"type": "lora", "r": 2},
+        "train.data": {"corpus": "pydoc-topics", "seq_len": 16}, "train.batch_size": 2, "train.max_steps": 2,
+        "train.val_check_interval": 2, "train.val_batches": 1, "train.log_every": 1, "train.sample_tokens": 0,
+        "train.optimizer": {"lr": 0.05}, "train.schedule": {"warmup_steps": 1},
+        "train.precision": "32-true", "train.out_dir": str(tmp_path)})
+    snapshot = Snapshot()
+    result = train(config, callbacks=[snapshot])
+    after = result.module.model.state_dict()
+    assert result.steps == 2
+    base = [n for n in after if ".lora_" not in n]
+    assert all(torch.equal(after[n], snapshot.before[n]) for n in base)
+    assert not torch.equal(after["blocks.0.mixer.qkv.lora_B"], snapshot.before["blocks.0.mixer.qkv.lora_B"])
+    exported = zoo.from_pretrained(tmp_path / "final")  # no base recorded: a full checkpoint keeping model.adapter
+    assert exported.config.adapter == result.module.model.config.adapter
+    x = ids(length=8)
+    assert torch.equal(exported.eval()(x).logits, result.module.model.eval()(x).logits)

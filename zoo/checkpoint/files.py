@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 
 from zoo.errors import CheckpointError
 
-CHECKPOINT_FILES = {"config.json", "README.md", "tokenizer.json", "run_config.yaml"}
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # an adapter checkpoint
+CHECKPOINT_FILES = {"config.json", "README.md", "tokenizer.json", "run_config.yaml", ADAPTER_CONFIG, ADAPTER_WEIGHTS}
 _WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"  # single file or shard
                            r"|(model\.safetensors|pytorch_model\.bin)\.index\.json")
 
@@ -166,7 +167,7 @@ def check_replaceable(path: Path, extra_names: set[str]) -> None:
     if not path.is_dir():
         raise FileExistsError(f"cannot save a checkpoint to {str(path)!r}: it exists and is not a directory")
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file():
         foreign = [e for e in entries if not (is_checkpoint_file(e) or e in extra_names)]
         why = "holds files that are not part of a zoo checkpoint"
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from zoo.checkpoint.files import being_replaced, is_checkpoint_file, wait_for_replacement
+from zoo.checkpoint.files import ADAPTER_CONFIG, being_replaced, is_checkpoint_file, wait_for_replacement
 from zoo.errors import CheckpointError
 
 HUB_PREFIX = "hf-hub:"
@@ -54,8 +54,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     path = Path(path_or_repo_id)
     if path.is_dir() or being_replaced(path):
         wait_for_replacement(path)  # read_checkpoint then retries a read that a replacement overtakes
-        if not (path / "config.json").is_file() and not being_replaced(path):
-            raise CheckpointError(f"{str(path)!r} has no config.json, so it is not a checkpoint directory")
+        if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file() and not being_replaced(path):
+            raise CheckpointError(f"{str(path)!r} has no config.json (nor {ADAPTER_CONFIG}), so it is not a "
+                                  "checkpoint directory")
         return path
     repo_id = str(path_or_repo_id)
     if repo_id.startswith(HUB_PREFIX):
@@ -75,8 +76,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
                                     f"{where} and HF_HUB_OFFLINE=1 forbids downloading it") from err
         raise FileNotFoundError(f"{repo_id!r} (revision {revision or 'main'}) could not be downloaded from "
                                 f"{constants.ENDPOINT} and is not in the cache {where}: {err}") from err
-    if not (snapshot / "config.json").is_file():
-        raise CheckpointError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no config.json")
+    if not (snapshot / "config.json").is_file() and not (snapshot / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no config.json "
+                              f"(nor {ADAPTER_CONFIG})")
     verify_snapshot(snapshot)
     return snapshot
 

@@ -16,12 +16,16 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from huggingface_hub import save_torch_state_dict
 
+from zoo.adapters import add_adapter, has_adapter
+from zoo.adapters.nf4 import dense_weight
+from zoo.checkpoint.adapters import is_adapter_dir, load_adapter, load_adapter_state, save_adapter
 from zoo.checkpoint.card import model_card
 from zoo.checkpoint.files import check_replaceable, directory_version, read_json, read_state_dict, replace_dir
 from zoo.checkpoint.hub import HUB_PREFIX, resolve_checkpoint, upload_checkpoint
@@ -59,7 +63,16 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
     checkpoint they do not belong to. A hard kill can leave a ``.<name>.tmp-*`` directory behind (or,
     killed between the two renames of a replacement, the previous checkpoint as ``.<name>.old-*``); no
     later save or load reads either, and they can be deleted.
+
+    A model with an adapter whose base is known (``model.adapter_base``, see :func:`zoo.add_adapter`) saves
+    the adapter only (:func:`zoo.checkpoint.adapters.save_adapter`: ``adapter_config.json`` naming the base,
+    ``adapter_model.safetensors``, the ``extra_files``); one without a known base saves everything, the
+    config keeping ``model.adapter``.
     """
+    if has_adapter(model) and getattr(model, "adapter_base", None) is not None:
+        if weights_format != "hp":
+            raise ValueError("an adapter is saved in its own precision: weights_format applies to full checkpoints")
+        return save_adapter(model, path, extra_files)
     if weights_format not in ("hp", "fp8"):
         raise ValueError(f"weights_format={weights_format!r}; choose 'hp' (high precision) or 'fp8'")
     path = Path(path)
@@ -99,13 +112,25 @@ def push_to_hub(model, repo_id: str, private: bool | None = None, token: str | N
 
 def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = None, *,
                     token: str | None = None, cache_dir: str | os.PathLike | None = None,
-                    dtype: torch.dtype | None = None, drop_mtp: bool = False) -> ZooModel:
+                    dtype: torch.dtype | None = None, drop_mtp: bool = False, base: str | None = None) -> ZooModel:
     """A :class:`zoo.ZooModel` from a local directory or a Hub repo id (``org/name``, ``revision`` a
     branch, tag or commit), holding a zoo checkpoint (fp8 weights are dequantised) or a transformers
     checkpoint of a supported ``model_type`` (see :mod:`zoo.checkpoint.importers`). ``dtype`` casts the weights; None
     keeps the checkpoint's. ``drop_mtp=True`` leaves out the multi-token prediction modules (``mtp.*``
-    tensors, ``model.mtp``), so that an MTP checkpoint serves as a plain model (DeepSeek-V3 §2.2)."""
+    tensors, ``model.mtp``), so that an MTP checkpoint serves as a plain model (DeepSeek-V3 §2.2).
+
+    An adapter directory or repo (``adapter_config.json``: zoo's, or a peft LoRA adapter of a Llama-family
+    model, :mod:`zoo.checkpoint.peft`) loads the base it names (``base`` overrides that: a path or
+    ``hf-hub:ORG/NAME@REVISION``) with the adapter added; ``dtype`` and ``drop_mtp`` apply to the base."""
     directory = resolve_checkpoint(path_or_repo_id, revision, token=token, cache_dir=cache_dir)
+    if is_adapter_dir(directory):
+        def load_base(name: str, base_revision: str | None) -> ZooModel:
+            return from_pretrained(name, base_revision, token=token, cache_dir=cache_dir, dtype=dtype,
+                                   drop_mtp=drop_mtp)
+
+        return load_adapter(directory, load_base, base, str(path_or_repo_id))
+    if base is not None:
+        raise ValueError(f"base={base!r} applies to adapter checkpoints; {str(path_or_repo_id)!r} is a model")
     config, state_dict = read_checkpoint(directory)
     return load_model(config, state_dict, str(path_or_repo_id), dtype, drop_mtp=drop_mtp)
 
@@ -196,7 +221,18 @@ def load_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], source:
 
     Multi-token prediction (``mtp.*`` tensors): ``drop_mtp=True`` loads without them (into a copy of
     ``config`` without ``mtp``); ``mtp_init=True`` lets a checkpoint without them fill a config with
-    ``model.mtp``, the MTP modules keeping their fresh initialisation (to train them on a plain model)."""
+    ``model.mtp``, the MTP modules keeping their fresh initialisation (to train them on a plain model).
+
+    A config with ``model.adapter`` (a full checkpoint of an adapted model) loads the base tensors into the
+    model without it, then adds the adapter and fills it from the rest."""
+    if config.adapter is not None:
+        base_keys = set(build_skeleton(replace(config, adapter=None)).state_dict())
+        model = load_model(replace(config, adapter=None), {k: v for k, v in state_dict.items() if k in base_keys},
+                           source, dtype, drop_mtp, mtp_init)
+        add_adapter(model, config.adapter)
+        tensors = {k: v for k, v in state_dict.items() if k not in base_keys}
+        load_adapter_state(model, tensors if dtype is None else {k: v.to(dtype) for k, v in tensors.items()}, source)
+        return model
     if drop_mtp:
         config = config.without_mtp()
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_MTP_PREFIX)}
@@ -257,4 +293,4 @@ def _tied_keys(model) -> set[str]:
 
 def _untied_state_dict(model) -> dict:
     """The state dict with each tied weight stored once (under its embedding's name)."""
-    return {k: v for k, v in model.state_dict().items() if k not in _tied_keys(model)}
+    return {k: dense_weight(v) for k, v in model.state_dict().items() if k not in _tied_keys(model)}
