@@ -281,3 +281,29 @@ def test_a_two_step_run_with_an_adapter_leaves_the_base_bitwise_unchanged(tmp_pa
     assert exported.config.adapter == result.module.model.config.adapter
     x = ids(length=8)
     assert torch.equal(exported.eval()(x).logits, result.module.model.eval()(x).logits)
+
+
+
+def test_an_hf_hub_adapter_loads_its_base_at_the_named_revision(tmp_path, monkeypatch):
+    """``zoo.from_pretrained("hf-hub:org/adapter")`` resolves the adapter repo and then the base it names
+    (``hf-hub:org/base@REV``) through the Hub download, revision included (downloads served from local dirs)."""
+    import zoo.checkpoint.hub as hub
+
+    base = tiny("dense-tiny", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base-v1")
+    model = zoo.from_pretrained(tmp_path / "base-v1")
+    zoo.add_adapter(model, {"type": "lora", "r": 2}, base="hf-hub:org/base@v1")
+    randomise_adapter(model)
+    model.save_pretrained(tmp_path / "adapter")
+    repos = {("org/adapter", None): tmp_path / "adapter", ("org/base", "v1"): tmp_path / "base-v1"}
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, **kwargs):
+        calls.append((repo_id, revision))
+        return str(repos[repo_id, revision])
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    loaded = zoo.from_pretrained("hf-hub:org/adapter")
+    assert calls == [("org/adapter", None), ("org/base", "v1")] and loaded.adapter_base == "hf-hub:org/base@v1"
+    x = ids()
+    assert torch.equal(loaded.eval()(x).logits, model.eval()(x).logits)
