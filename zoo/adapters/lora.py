@@ -101,15 +101,14 @@ class LoRALinear(nn.Linear, AdapterModule):
         """``linear`` adapted: its tensors shared, fresh factors (``A`` Kaiming-uniform as peft, ``B`` zero)."""
         module = adopt(cls, linear)
         module.parts, module.scaling, module.dora = tuple(parts), config.scaling, config.dora
-        weight = dense_weight(module.weight)
-        like = {"dtype": weight.dtype, "device": weight.device}
+        like = {"dtype": module.weight.dtype, "device": module.weight.device}  # an NF4 weight reports its original dtype
         module.lora_A = nn.Parameter(torch.empty(len(parts) * config.r, linear.in_features, **like))
         for block in module.lora_A.data.split(config.r):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))
         module.lora_B = nn.Parameter(torch.zeros(linear.out_features, config.r, **like))
         module.lora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         if config.dora:
-            module.lora_magnitude = nn.Parameter(row_norm(weight.detach()).clone())
+            module.lora_magnitude = nn.Parameter(row_norm(dense_weight(module.weight).detach()).clone())
         return module
 
     def delta_weight(self) -> torch.Tensor:
@@ -117,17 +116,18 @@ class LoRALinear(nn.Linear, AdapterModule):
         return self.scaling * block_diagonal(self.lora_B, self.parts) @ self.lora_A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.linear on an NF4 weight is torchao's: dequantised on the fly, only the 4-bit weight kept for backward.
         if not self.adapter_enabled:
             return F.linear(x, self.weight, self.bias)
-        weight = dense_weight(self.weight, x.dtype)
         u = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., P r)
         delta = self.scaling * F.linear(u, block_diagonal(self.lora_B, self.parts).to(x.dtype))  # (..., out)
         if not self.dora:
-            return F.linear(x, weight, self.bias) + delta
+            return F.linear(x, self.weight, self.bias) + delta
         with torch.no_grad():
+            weight = dense_weight(self.weight)
             norm = row_norm(weight + self.delta_weight().to(weight.dtype))
         scale = self.lora_magnitude / norm  # (out,)
-        out = scale.to(x.dtype) * (F.linear(x, weight) + delta)
+        out = scale.to(x.dtype) * (F.linear(x, self.weight) + delta)
         return out if self.bias is None else out + self.bias
 
     def merged(self) -> nn.Linear:
