@@ -130,7 +130,7 @@ def test_bad_scaling_configs_name_the_key(scaling, message):
 
 @pytest.mark.parametrize("rope, message", [
     ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5.*supported: 1.0"),
-    ({"full_attention": {"rope_type": "default"}}, "rope_parameters=\\['full_attention'\\].*not nested per layer"),
+    ({"full_attention": {"rope_type": "default"}}, "rope_parameters=.*'full_attention'.*not nested per layer"),
 ])
 def test_unsupported_rope_options_fail_clearly(rope, message, tmp_path):
     import json

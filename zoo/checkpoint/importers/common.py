@@ -55,10 +55,10 @@ def rope_options(config: HFConfig) -> dict:
     missing yarn ``factor`` their ratio, and ``dynamic``'s original length is ``max_position_embeddings``."""
     params = config.raw.get("rope_parameters")
     params = dict(params if isinstance(params, dict) else config.raw.get("rope_scaling") or {})
-    params.setdefault("rope_theta", config.raw.get("rope_theta"))
     if "rope_type" not in params and "type" not in params and any(isinstance(v, dict) for v in params.values()):
         raise config.unsupported("rope_parameters", sorted(params), "one rope for every layer (not nested per "
                                  "layer type)")
+    params.setdefault("rope_theta", config.raw.get("rope_theta"))
     rope_type = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", config.raw.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
