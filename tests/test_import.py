@@ -25,9 +25,12 @@ FAMILIES = {
     "llama-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
     "mistral": dict(sliding_window=64),
     "qwen2": {},
+    "qwen3": dict(head_dim=16),  # head_dim * heads != hidden_size, as in Qwen3's releases
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
                       shared_expert_intermediate_size=24, norm_topk_prob=False, decoder_sparse_step=2),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                      decoder_sparse_step=2),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
     "deepseek_v3": dict(num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
                         topk_group=2, n_shared_experts=1, moe_intermediate_size=16, q_lora_rank=16,
@@ -42,12 +45,16 @@ FAMILIES = {
 FAMILIES["deepseek_v3-rms-eps"] = dict(FAMILIES["deepseek_v3"], model_type="deepseek_v3", rms_norm_eps=0.3)
 
 
-def hf_model(name: str):
-    options = dict(FAMILIES[name])
+def hf_model(name: str, **extra):
+    options = dict(FAMILIES[name], **extra)
     model_type = options.pop("model_type", name)
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # q/k norms away from 1, so that a swapped or misplaced one shows
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(("q_norm.weight", "k_norm.weight")):
+                param.normal_(1.0, 0.2)
     if model_type == "deepseek_v3":  # a non-zero selection bias, so that "selection only" is tested
         for layer in model.model.layers[config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(std=0.05)
@@ -201,7 +208,8 @@ def test_unknown_model_type_lists_the_supported(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type='yarn'.*supported: 'default'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}},
+     "rope_type='longrope'.*supported: 'default', 'dynamic', 'linear', 'llama3', 'yarn'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'.*supported: 'silu'"),
     ({"attention_bias": True}, "attention_bias=True.*supported: False"),
 ])
@@ -223,3 +231,84 @@ def test_leftover_tensors_are_named(tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"does not map: \['model.layers.0.self_attn.mystery.weight'\]"):
         zoo.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------ fp8 checkpoints (DeepSeek-V3's release format)
+
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+
+
+def quantise_like_deepseek(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w (N, K)`` as DeepSeek-V3's checkpoints store it: float8_e4m3fn ``q`` and float32 ``scale_inv`` =
+    amax / 448 per 128x128 block (edge blocks partial), computed in float64; also ``q * scale_inv`` in float64."""
+    N, K = w.shape
+    nb, kb = -(-N // 128), -(-K // 128)
+    padded = torch.zeros(nb * 128, kb * 128, dtype=torch.float64)
+    padded[:N, :K] = w.double()
+    blocks = padded.view(nb, 128, kb, 128)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448).float()
+    q = (blocks / scale.double()[:, None, :, None]).view(nb * 128, kb * 128)[:N, :K].to(torch.float8_e4m3fn)
+    full_scale = scale.double().repeat_interleave(128, 0).repeat_interleave(128, 1)[:N, :K]
+    return q, scale, q.double() * full_scale
+
+
+def deepseek_fp8(tmp_path):
+    """A tiny DeepSeek-V3 saved by transformers, its decoder-layer linears quantised as the released checkpoints
+    are (routers, norms, embedding and head stay in float32), next to the same model holding the dequantised
+    weights (float64 products rounded once to float32). intermediate_size 160 gives partial edge blocks."""
+    hf = hf_model("deepseek_v3", intermediate_size=160)
+    hf.save_pretrained(tmp_path / "fp8")
+    weights = load_file(tmp_path / "fp8" / "model.safetensors")
+    quantised, dequantised = dict(weights), dict(weights)
+    for name, w in weights.items():
+        if name.startswith("model.layers.") and name.endswith("proj.weight"):
+            q, scale, exact = quantise_like_deepseek(w)
+            quantised[name], quantised[name.replace(".weight", ".weight_scale_inv")] = q, scale
+            dequantised[name] = exact.float()
+    assert sum(q.dtype == torch.float8_e4m3fn for q in quantised.values()) > 20
+    assert quantised["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (2, 1)
+    save_file(quantised, tmp_path / "fp8" / "model.safetensors")
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "quantization_config": FP8_CONFIG}))
+    hf.save_pretrained(tmp_path / "reference")
+    save_file(dequantised, tmp_path / "reference" / "model.safetensors")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "reference", attn_implementation="eager")
+    return reference.eval(), tmp_path / "fp8"
+
+
+def test_deepseek_fp8_checkpoint_is_dequantised(tmp_path):
+    reference, path = deepseek_fp8(tmp_path)
+    model = assert_parity(reference, path, new_tokens=3)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dequantised_weights_requantise_to_the_checkpoint_fp8_values():
+    """What ``model.fp8: {recipe: blockwise}`` does to an imported fp8 weight: its 128x128 weight blocks
+    (amax floor 1e-4, scale amax / 448) give back the checkpoint's e4m3 values and scales bit for bit."""
+    from zoo.checkpoint.importers.quantized import dequantize_fp8
+    from zoo.fp8.quant import BLOCK, E4M3, quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 260) * 0.05
+    q, scale, _ = quantise_like_deepseek(w)
+    state = dequantize_fp8({"quantization_config": FP8_CONFIG}, {"x.weight": q, "x.weight_scale_inv": scale}, "t")
+    assert list(state) == ["x.weight"] and state["x.weight"].dtype == torch.float32
+    q2, scale2 = quantize(state["x.weight"], E4M3, BLOCK, amax_floor=1e-4)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale2, scale)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"quant_method": "bitsandbytes"}, r"quantization_config.quant_method='bitsandbytes'.*supported: 'fp8'"),
+    ({"fmt": "e5m2"}, r"quantization_config.fmt='e5m2'.*supported: 'e4m3'"),
+    ({"activation_scheme": "static"}, r"quantization_config.activation_scheme='static'.*supported: 'dynamic'"),
+    ({"weight_block_size": [128]}, r"weight_block_size=\[128\].*supported: two positive integers"),
+    ({"weight_block_size": [64, 64]}, r"mlp.\w+_proj.weight: weight_scale_inv has shape \(\d, \d\); a \(\d+, \d+\) "
+                                      r"weight in \[64, 64\] blocks needs \((3, 1|1, 3)\)"),
+])
+def test_unsupported_fp8_settings_fail_clearly(tmp_path, change, message):
+    _, path = deepseek_fp8(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        zoo.from_pretrained(path)

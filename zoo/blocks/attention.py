@@ -1,8 +1,11 @@
 """Causal multi-head attention with grouped K/V heads, rotary positions and a KV cache.
 
 Scaled dot-product attention (Vaswani et al. 2017, Eq. 1): ``softmax(Q K^T / sqrt(d)) V`` under a
-causal mask; rotary positions on Q and K (Su et al. 2021, Eq. 34); ``n_kv_heads`` K/V heads shared
-by groups of query heads (GQA, Ainslie et al. 2023, §2; MQA at ``n_kv_heads=1``).
+causal mask; rotary positions on Q and K (Su et al. 2021, Eq. 34), optionally scaled for longer contexts
+(``rope_scaling``, :mod:`zoo.blocks.rope`); ``n_kv_heads`` K/V heads shared by groups of query heads (GQA,
+Ainslie et al. 2023, §2; MQA at ``n_kv_heads=1``). ``qk_norm`` RMS-normalises queries and keys before the
+rotation (Dehghani et al. 2023, arXiv 2302.05442, §3.1), over the whole projections (OLMoE) or per head
+(``qk_norm_scope: head``, Qwen3).
 
 Backends compute the same function: ``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``),
 ``eager`` (the plain reference, any dtype), ``xformers`` (``memory_efficient_attention``, CUDA only).
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -25,8 +28,10 @@ from zoo.blocks.rope import RotaryEmbedding
 from zoo.blocks.state import PositionalCache
 from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
+from zoo.schema import BlockSpec
 
 Backend = Literal["auto", "sdpa", "eager", "xformers"]
+QKNormScope = Literal["projection", "head"]
 
 
 @dataclass
@@ -35,13 +40,21 @@ class AttentionConfig:
     n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA
     head_dim: int | None = None  # None: d_model / n_heads
     rope_theta: float = 10000.0
+    # {type: linear | dynamic | llama3 | yarn, ...} (zoo.blocks.rope); None: unscaled
+    rope_scaling: BlockSpec | None = field(default=None, metadata={"kind": "rope_scaling"})
     qkv_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over the whole q and k projections, before the head split (OLMoE)
+    qk_norm: bool = False  # RMSNorm on q and k before rope
+    # ... over the whole q and k projections before the head split (OLMoE), or over each head (Qwen3)
+    qk_norm_scope: QKNormScope = "projection"
     qk_norm_eps: float = 1.0e-6
     backend: Backend = "auto"
 
     def validate(self, model) -> None:
         require_positive(self, "n_heads", "n_kv_heads", "head_dim", "rope_theta")
+        if self.rope_scaling is not None:
+            self.rope_scaling.options.validate()
+        if self.qk_norm_scope != "projection" and not self.qk_norm:
+            raise ConfigError(f"qk_norm_scope={self.qk_norm_scope!r} needs qk_norm: true")
         if self.head_dim is None and model.d_model % self.n_heads:
             raise ConfigError(f"n_heads={self.n_heads} does not divide model.d_model={model.d_model} "
                               f"(set head_dim or change n_heads / d_model)")
@@ -99,9 +112,12 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(ctx.d_model, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.out = nn.Linear(q_dim, ctx.d_model, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, config.rope_theta)
-        self.q_norm = RMSNorm(q_dim, config.qk_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(kv_dim, config.qk_norm_eps) if config.qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, config.rope_theta,
+                                    config.rope_scaling.options if config.rope_scaling else None)
+        self.norm_per_head = config.qk_norm_scope == "head"
+        q_norm_dim, k_norm_dim = (self.head_dim, self.head_dim) if self.norm_per_head else (q_dim, kv_dim)
+        self.q_norm = RMSNorm(q_norm_dim, config.qk_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_dim, config.qk_norm_eps) if config.qk_norm else None
         self.init_std, self.out_std = ctx.init_std, ctx.residual_init_std
 
     def init_own_weights(self) -> None:
@@ -124,8 +140,11 @@ class Attention(nn.Module):
             q, k = self.rope(qk.view(B, T, H + Hkv, D), offset, seq_dim=1).split([H, Hkv], dim=2)
         else:
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-            q = self.rope(self.q_norm(q).view(B, T, H, D), offset, seq_dim=1)
-            k = self.rope(self.k_norm(k).view(B, T, Hkv, D), offset, seq_dim=1)
+            if self.norm_per_head:
+                q, k = self.q_norm(q.view(B, T, H, D)), self.k_norm(k.view(B, T, Hkv, D))
+            else:
+                q, k = self.q_norm(q).view(B, T, H, D), self.k_norm(k).view(B, T, Hkv, D)
+            q, k = self.rope(q, offset, seq_dim=1), self.rope(k, offset, seq_dim=1)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.reshape(B, T, Hkv, D).transpose(1, 2)
         if state is not None:

@@ -15,7 +15,7 @@ through ``W_UV``, so no full key or value is ever rebuilt. Prefill expands K and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from zoo.blocks.rope import RotaryEmbedding
 from zoo.blocks.state import PositionalCache
 from zoo.errors import ConfigError, require_positive
 from zoo.registry import BlockContext, register
+from zoo.schema import BlockSpec
 
 
 @dataclass
@@ -37,14 +38,19 @@ class MLAConfig:
     qk_rope_head_dim: int = 16  # d_h^R; 64 in DeepSeek-V3
     v_head_dim: int = 32
     rope_theta: float = 10000.0
+    # {type: linear | dynamic | llama3 | yarn, ...} (zoo.blocks.rope); DeepSeek-V3 uses yarn
+    rope_scaling: BlockSpec | None = field(default=None, metadata={"kind": "rope_scaling"})
     norm_eps: float = 1.0e-6  # of the latent RMSNorms q_norm, kv_norm only; DeepSeek-V2/V3 fix it at 1e-6
-    softmax_scale: float | None = None  # None: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)
+    # None: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim), times yarn's softmax_factor under yarn scaling
+    softmax_scale: float | None = None
 
     def validate(self, model) -> None:
         require_positive(self, "n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                          "v_head_dim", "rope_theta", "norm_eps", "softmax_scale")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even for rotary positions, got {self.qk_rope_head_dim}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.options.validate()
 
 
 class MLACache(PositionalCache):
@@ -78,15 +84,19 @@ class MultiHeadLatentAttention(nn.Module):
     (Eq. 12-13; one ``q_proj`` when ``q_lora_rank`` is None) with a rotary part ``q_R = RoPE(W_QR c_q)``
     (Eq. 14); the decoupled key ``k_R = RoPE(W_KR h)`` (Eq. 15) is shared by all heads, so ``q = [q_C;
     q_R]``, ``k = [k_C; k_R]`` (Eq. 16-17), ``o = softmax(q k^T / sqrt(d_h + d_h^R)) v_C`` (Eq. 18) and
-    ``u = W_O o`` (Eq. 19). With a decoding state only ``c_kv`` and ``k_R`` are cached, and one-token
-    steps score against the latents with ``W_UK`` and ``W_UV`` absorbed (§2.1.2-2.1.3)."""
+    ``u = W_O o`` (Eq. 19). A rope scaling may multiply the default softmax scale (YaRN's
+    ``m(mscale_all_dim)^2`` in DeepSeek-V2/V3, :meth:`zoo.blocks.rope.YarnScaling.softmax_factor`). With a
+    decoding state only ``c_kv`` and ``k_R`` are cached, and one-token steps score against the latents with
+    ``W_UK`` and ``W_UV`` absorbed (§2.1.2-2.1.3)."""
 
     def __init__(self, config: MLAConfig, ctx: BlockContext):
         super().__init__()
         self.n_heads = config.n_heads
         self.nope, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
-        self.scale = config.softmax_scale or 1 / math.sqrt(self.nope + self.rope_dim)
+        scaling = config.rope_scaling.options if config.rope_scaling else None
+        factor = scaling.softmax_factor() if scaling is not None else 1.0
+        self.scale = config.softmax_scale or factor / math.sqrt(self.nope + self.rope_dim)
         q_dim = self.n_heads * (self.nope + self.rope_dim)
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(ctx.d_model, q_dim, bias=False)
@@ -98,7 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.norm_eps)
         self.kv_up = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)  # W_UK, W_UV
         self.out = nn.Linear(self.n_heads * self.v_dim, ctx.d_model, bias=False)
-        self.rope = RotaryEmbedding(self.rope_dim, config.rope_theta)
+        self.rope = RotaryEmbedding(self.rope_dim, config.rope_theta, scaling)
         self.init_std, self.out_std = ctx.init_std, ctx.residual_init_std
 
     def init_own_weights(self) -> None:

@@ -3,8 +3,9 @@
 ``convert_checkpoint(hf_config, state_dict, source)`` turns a transformers ``config.json`` and its tensors
 into a zoo model config and a zoo state dict; :func:`zoo.from_pretrained` calls it for any checkpoint whose
 ``config.json`` has a ``model_type``. One small module per family: :mod:`.dense` (llama, mistral,
-qwen2), :mod:`.sparse` (mixtral, qwen2_moe, olmoe), :mod:`.deepseek` (deepseek_v3); :mod:`.common`
-holds the shared mapping. Options a family module does not support fail with the supported values.
+qwen2, qwen3), :mod:`.sparse` (mixtral, qwen2_moe, qwen3_moe, olmoe), :mod:`.deepseek` (deepseek_v3);
+:mod:`.common` holds the shared mapping (rope scalings included) and :mod:`.quantized` dequantises fp8
+checkpoints first. Options a family module does not support fail with the supported values.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 
 from zoo.checkpoint.importers import deepseek, dense, sparse
 from zoo.checkpoint.importers.common import HFConfig, Tensors
+from zoo.checkpoint.importers.quantized import dequantize_fp8
 from zoo.errors import CheckpointError, ConfigError
 from zoo.model.config import ModelConfig
 
-CONVERTERS = {"llama": dense.convert, "mistral": dense.convert, "qwen2": dense.convert,
-              "mixtral": sparse.convert, "qwen2_moe": sparse.convert, "olmoe": sparse.convert,
-              "deepseek_v3": deepseek.convert}
+CONVERTERS = {"llama": dense.convert, "mistral": dense.convert, "qwen2": dense.convert, "qwen3": dense.convert,
+              "mixtral": sparse.convert, "qwen2_moe": sparse.convert, "qwen3_moe": sparse.convert,
+              "olmoe": sparse.convert, "deepseek_v3": deepseek.convert}
 
 
 def supported_model_types() -> list[str]:
@@ -32,7 +34,7 @@ def convert_checkpoint(hf_config: dict, state_dict: dict[str, torch.Tensor],
     if model_type not in CONVERTERS:
         raise CheckpointError(f"{source}: transformers model_type {model_type!r} cannot be imported; "
                               f"supported: {', '.join(supported_model_types())}")
-    tensors = Tensors(state_dict, source)
+    tensors = Tensors(dequantize_fp8(hf_config, state_dict, source), source)
     raw = CONVERTERS[model_type](HFConfig(hf_config, source), tensors)
     try:
         config = ModelConfig.from_dict(raw["model"])

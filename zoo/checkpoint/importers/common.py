@@ -8,10 +8,12 @@ and is reported by name rather than silently dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from zoo import registry
 from zoo.errors import CheckpointError
 
 _ABSENT = object()
@@ -45,20 +47,41 @@ class HFConfig:
                                f"the zoo import; supported: {supported}")
 
 
-def rope_theta(config: HFConfig) -> float:
-    """The rope base from ``rope_parameters`` (transformers >= 5) or ``rope_theta`` + ``rope_scaling``
-    (older configs). Only the unscaled ("default") rope is supported."""
+def rope_options(config: HFConfig) -> dict:
+    """``rope_theta`` and ``rope_scaling`` of a zoo mixer from ``rope_parameters`` (transformers >= 5) or
+    ``rope_theta`` + ``rope_scaling`` (older configs). Scaling types ``linear``, ``dynamic``, ``llama3`` and
+    ``yarn`` map key for key onto zoo's :mod:`zoo.blocks.rope` scalings, with transformers' defaults: a missing
+    ``original_max_position_embeddings`` is ``max_position_embeddings`` (a top-level one wins, as there), a
+    missing yarn ``factor`` their ratio, and ``dynamic``'s original length is ``max_position_embeddings``."""
     params = config.raw.get("rope_parameters")
-    if isinstance(params, dict):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        theta = params.get("rope_theta", config.raw.get("rope_theta"))
-    else:
-        scaling = config.raw.get("rope_scaling") or {}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        theta = config.raw.get("rope_theta")
-    if rope_type != "default":
-        raise config.unsupported("rope_type", rope_type, "'default' (unscaled rope)")
-    return float(theta if theta is not None else 10000.0)
+    params = dict(params if isinstance(params, dict) else config.raw.get("rope_scaling") or {})
+    if "rope_type" not in params and "type" not in params and any(isinstance(v, dict) for v in params.values()):
+        raise config.unsupported("rope_parameters", sorted(params), "one rope for every layer (not nested per "
+                                 "layer type)")
+    params.setdefault("rope_theta", config.raw.get("rope_theta"))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", config.raw.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise config.unsupported("partial_rotary_factor", partial, "1.0 (rope on every head dimension)")
+    theta = params.get("rope_theta")
+    options = {"rope_theta": float(theta if theta is not None else 10000.0)}
+    if rope_type == "default":
+        return options
+    entry = registry.lookup("rope_scaling", rope_type)
+    if entry is None:
+        supported = ["default", *registry.available("rope_scaling")]
+        raise config.unsupported("rope_type", rope_type, ", ".join(map(repr, supported)))
+    scaling = {f.name: params[f.name] for f in dataclasses.fields(entry.config) if params.get(f.name) is not None}
+    max_positions = config.get("max_position_embeddings")
+    if rope_type == "dynamic":
+        scaling["original_max_position_embeddings"] = max_positions
+    elif "original_max_position_embeddings" in {f.name for f in dataclasses.fields(entry.config)}:
+        original = (config.raw.get("original_max_position_embeddings")
+                    or scaling.get("original_max_position_embeddings") or max_positions)
+        scaling["original_max_position_embeddings"] = original
+        if rope_type == "yarn" and "factor" not in scaling and max_positions and original:
+            scaling["factor"] = max_positions / original
+    return {**options, "rope_scaling": {"type": rope_type, **scaling}}
 
 
 def check_dense_options(config: HFConfig) -> None:
@@ -85,7 +108,7 @@ def attention_options(config: HFConfig, qkv_bias: bool) -> dict:
     heads = config.require("num_attention_heads")
     head_dim = config.get("head_dim") or config.require("hidden_size") // heads
     return {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads", heads),
-            "head_dim": head_dim, "rope_theta": rope_theta(config), "qkv_bias": qkv_bias}
+            "head_dim": head_dim, **rope_options(config), "qkv_bias": qkv_bias}
 
 
 class Tensors:
@@ -142,13 +165,17 @@ def layer_norms(t: Tensors, i: int) -> None:
     t.move(f"model.layers.{i}.post_attention_layernorm.weight", f"blocks.{i}.ffn_norm.weight")
 
 
-def gqa_attention(t: Tensors, i: int, bias: bool) -> None:
-    """Separate q/k/v projections -> zoo's fused ``qkv`` (rows q, then k, then v); o -> ``out``."""
+def gqa_attention(t: Tensors, i: int, bias: bool, qk_norm: bool = False) -> None:
+    """Separate q/k/v projections -> zoo's fused ``qkv`` (rows q, then k, then v); o -> ``out``; with
+    ``qk_norm`` the q and k norms (OLMoE's over the projections, Qwen3's per head)."""
     src, dst = f"model.layers.{i}.self_attn", f"blocks.{i}.mixer"
     t.cat([f"{src}.{p}_proj.weight" for p in "qkv"], f"{dst}.qkv.weight")
     if bias:
         t.cat([f"{src}.{p}_proj.bias" for p in "qkv"], f"{dst}.qkv.bias")
     t.move(f"{src}.o_proj.weight", f"{dst}.out.weight")
+    if qk_norm:
+        t.move(f"{src}.q_norm.weight", f"{dst}.q_norm.weight")
+        t.move(f"{src}.k_norm.weight", f"{dst}.k_norm.weight")
 
 
 def swiglu(t: Tensors, src: str, dst: str, bias: bool = False) -> None:

@@ -16,6 +16,9 @@ main-model layer (a MoE layer, whatever ``first_k_dense_replace`` says, as in De
 layer's own copies of the embedding and output head (``embed_tokens``, ``shared_head.head``) must equal the main
 model's, which zoo shares; when they differ the MTP layers are skipped with a warning. transformers itself
 drops these layers, so checkpoints saved by transformers import without MTP.
+
+DeepSeek-V3's YaRN rope (``rope_scaling: {type: yarn, mscale, mscale_all_dim, ...}``) becomes the MLA mixer's
+``rope_scaling``; its fp8 weights are dequantised before this module sees them (:mod:`.quantized`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import warnings
 import torch
 
 from zoo.checkpoint.importers.common import (HFConfig, Tensors, check_dense_options, decoder_config, embeddings_and_head,
-                                experts, rope_theta, swiglu)
+                                experts, rope_options, swiglu)
 from zoo.errors import CheckpointError
 
 # The eps of the MLA latent norms (q_a_layernorm, kv_a_layernorm): transformers' DeepseekV3Attention builds
@@ -36,9 +39,6 @@ LATENT_NORM_EPS = 1e-6
 
 def convert(config: HFConfig, t: Tensors) -> dict:
     check_dense_options(config)
-    if config.raw.get("quantization_config"):
-        raise config.unsupported("quantization_config", config.raw["quantization_config"].get("quant_method"),
-                                 "none (dequantise the fp8 weights to bf16 first)")
     config.only("attention_bias", (False,))
     n_layers = config.require("num_hidden_layers")
     heads = config.require("num_attention_heads")
@@ -46,7 +46,7 @@ def convert(config: HFConfig, t: Tensors) -> dict:
     q_lora_rank, kv_lora_rank = config.raw.get("q_lora_rank"), config.require("kv_lora_rank")
     mixer = {"type": "mla", "n_heads": heads, "q_lora_rank": q_lora_rank, "kv_lora_rank": kv_lora_rank,
              "qk_nope_head_dim": nope, "qk_rope_head_dim": rope, "v_head_dim": v_dim,
-             "rope_theta": rope_theta(config), "norm_eps": LATENT_NORM_EPS}
+             **rope_options(config), "norm_eps": LATENT_NORM_EPS}
     n_experts = config.require("n_routed_experts")
     d_expert = config.require("moe_intermediate_size")
     n_shared = config.get("n_shared_experts", 0)
