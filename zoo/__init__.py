@@ -6,7 +6,8 @@ Layers, bottom to top (a module imports only from its own layer or below): :mod:
 imports every built-in block, dispatcher, converter and objective, which registers them.
 """
 
-from zoo import blocks, fp8  # noqa: F401  (registers the built-in blocks and the fp8 converter)
+from zoo import adapters, blocks, fp8  # noqa: F401  (registers the built-in blocks, the fp8 converter, the adapters)
+from zoo.adapters import add_adapter
 from zoo.blocks.state import DecodingState
 from zoo.checkpoint.pretrained import from_pretrained
 from zoo.errors import CheckpointError, ConfigError
@@ -18,7 +19,7 @@ from zoo.train import finetune, objectives  # noqa: F401  (registers the built-i
 from zoo.train.config import ZooConfig, load_config
 
 __all__ = [
-    "BlockContext", "CheckpointError", "ConfigError", "DecodingState", "ModelConfig", "ZooConfig", "ZooModel",
+    "BlockContext", "CheckpointError", "add_adapter", "ConfigError", "DecodingState", "ModelConfig", "ZooConfig", "ZooModel",
     "ZooOutput", "available_blocks", "build_model", "create_model", "from_pretrained", "list_models", "load_config",
     "register",
 ]

@@ -28,9 +28,10 @@ from typing import Any, Callable
 import torch
 
 # The seams of zoo, one registry kind each: blocks of the decoder (mixer, ffn, norm), how the MoE layers
-# move tokens to their experts (dispatcher), transformations of a built model (converter), and what a
-# training step optimises (objective). Registering under another kind makes a new one.
-KINDS = ("mixer", "ffn", "norm", "dispatcher", "converter", "objective")
+# move tokens to their experts (dispatcher), transformations of a built model (converter), parameter-efficient
+# fine-tuning of a built model (adapter), and what a training step optimises (objective). Registering under
+# another kind makes a new one.
+KINDS = ("mixer", "ffn", "norm", "dispatcher", "converter", "adapter", "objective")
 
 
 @dataclass(frozen=True)

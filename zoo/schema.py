@@ -136,7 +136,7 @@ def _coerce(tp: Any, value: Any, path: str, kind: str | None = None) -> Any:
         raise ConfigError(f"{path}: {value!r} is not one of the allowed types "
                           f"({' | '.join(_type_name(a) for a in args)})")
     if tp is BlockSpec:
-        return _block_spec(kind, value, path)
+        return block_spec(kind, value, path)
     if tp is Any:
         return value
     if origin is Literal:
@@ -191,7 +191,7 @@ def _coerce(tp: Any, value: Any, path: str, kind: str | None = None) -> Any:
     raise TypeError(f"{path}: the config schema uses an unsupported type {tp!r}")
 
 
-def _block_spec(kind: str, value: Any, path: str) -> BlockSpec:
+def block_spec(kind: str, value: Any, path: str) -> BlockSpec:
     if isinstance(value, str):
         value = {"type": value}
     if not isinstance(value, Mapping) or "type" not in value:

@@ -3,8 +3,8 @@
 Construction only allocates: each module stores the init scales its :class:`~zoo.registry.BlockContext` gave it,
 and its ``init_own_weights()`` fills its tensors (the block contract in :mod:`zoo.blocks`). :func:`build_model`
 constructs on the meta device, allocates every tensor once, runs the init pass
-(:func:`init_weights`) and then the converters the config names (``model.fp8``, ``model.converters``), in that order, so a converter
-sees initialised weights. Constructing on meta first means nothing is filled twice: the default init that
+(:func:`init_weights`), then the converters the config names (``model.fp8``, ``model.converters``), in that order, so a converter
+sees initialised weights, and last the adapter (``model.adapter``), which freezes what the converters made. Constructing on meta first means nothing is filled twice: the default init that
 ``nn.Linear`` runs in its constructor lands on meta tensors, where it computes nothing.
 :func:`build_skeleton` is that meta-device model alone, for a checkpoint to fill, and :func:`materialize`
 allocates and initialises the part of a skeleton that a checkpoint does not hold.
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from zoo import registry
+from zoo.adapters import apply_adapter
 from zoo.model.config import ModelConfig
 from zoo.model.decoder import ZooModel
 from zoo.model.memory import check_fits
@@ -69,12 +70,13 @@ def apply_converters(model: ZooModel) -> ZooModel:
 
 def build_model(config: ModelConfig) -> ZooModel:
     """An initialised :class:`ZooModel` for a validated model config on the default device, its converters
-    applied."""
+    applied, then its adapter (``model.adapter``, :mod:`zoo.adapters`: the base frozen, adapter modules
+    inserted)."""
     device = torch.get_default_device()
     check_fits(config, device)  # before anything is built: a model that cannot fit is refused at once
     model = _allocate(build_skeleton(config), device)
     model.tie_weights()  # allocating gave the head a tensor of its own
-    return apply_converters(init_weights(model))
+    return apply_adapter(apply_converters(init_weights(model)))
 
 
 def build_skeleton(config: ModelConfig) -> ZooModel:

@@ -1,6 +1,7 @@
 """The model config: the ``model`` section of a config file, all that a :class:`~zoo.model.ZooModel` and its
 checkpoint need. Blocks and converters are chosen by name from the registry (:class:`~zoo.schema.BlockSpec`):
-``model.fp8`` configures the built-in FP8 converter, ``model.converters: [{type: NAME, ...}]`` any other.
+``model.fp8`` configures the built-in FP8 converter, ``model.converters: [{type: NAME, ...}]`` any other,
+``model.adapter: {type: NAME, ...}`` a parameter-efficient adapter (:mod:`zoo.adapters`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class ModelConfig:
     fp8: FP8Config = field(default_factory=FP8Config)  # the fp8 converter (zoo.fp8)
     mtp: MTPConfig | None = None  # multi-token prediction (zoo.model.mtp); None: off
     converters: list[BlockSpec] = field(default_factory=list, metadata={"kind": "converter"})  # applied in order
+    adapter: BlockSpec | None = field(default=None, metadata={"kind": "adapter"})  # zoo.adapters; None: none
 
     def layer_blocks(self, index: int) -> tuple[BlockSpec, BlockSpec]:
         """The (mixer, ffn) specs of layer ``index``, per-layer overrides applied."""
@@ -149,3 +151,6 @@ def validate_model(model: ModelConfig) -> None:
         check = getattr(spec.options, "validate", None)
         if check is not None:
             prefixed(f"model.converters[{index}]", check)
+    check = getattr(model.adapter.options, "validate", None) if model.adapter is not None else None
+    if check is not None:
+        prefixed("model.adapter", check)

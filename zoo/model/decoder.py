@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from zoo import registry
+from zoo.adapters import merge_adapter
 from zoo.blocks.auxiliary import AuxCollector
 from zoo.blocks.state import DecodingState
 from zoo.errors import ConfigError
@@ -68,6 +69,7 @@ class ZooModel(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.tie_weights()
         self.mtp = MultiTokenPrediction(config) if config.mtp is not None else None
+        self.adapter_base = None  # where the frozen base of an adapter came from (zoo.adapters.add_adapter)
 
     def tie_weights(self) -> None:
         """Make the output head share the embedding's weight when ``config.tie_embeddings`` is set (again
@@ -184,12 +186,23 @@ class ZooModel(nn.Module):
 
         return push_to_hub(self, repo_id, **kwargs)
 
-    def num_parameters(self, active: bool = False) -> int:
+    def num_parameters(self, active: bool = False, trainable: bool = False) -> int:
         """Total parameters (tied weights once); ``active=True`` counts what one token uses, i.e.
-        routed experts only for the experts a token is sent to (blocks define ``num_active_parameters``)."""
+        routed experts only for the experts a token is sent to (blocks define ``num_active_parameters``);
+        ``trainable=True`` counts only parameters with ``requires_grad`` (an adapter's, its base frozen)."""
+        if trainable:
+            if active:
+                raise ValueError("num_parameters: choose active=True or trainable=True, not both")
+            return sum(p.numel() for p in self.parameters() if p.requires_grad)
         if not active:
             return sum(p.numel() for p in self.parameters())
         return _active_parameters(self, set())
+
+    def merge_adapter(self) -> "ZooModel":
+        """Fold a LoRA / DoRA adapter into the weights (NF4 bases dequantised first): returns this model,
+        now plain (``config.adapter`` None, every parameter trainable), with the same logits; see
+        :func:`zoo.adapters.merge_adapter`."""
+        return merge_adapter(self)
 
 
 def _active_parameters(module: nn.Module, seen: set) -> int:
