@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.adapters import adapter_disabled, has_adapter
 from zoo.errors import ConfigError
 from zoo.registry import register
 from zoo.train.objectives import ObjectiveOutput
@@ -103,7 +104,7 @@ class DPO:
 
     def prepare(self, model: nn.Module) -> None:
         """Fix the reference: the adapter-free base of ``model``, or a frozen copy of it as it is now."""
-        if _has_adapter(model):
+        if has_adapter(model):
             self.reference = None
             return
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -112,7 +113,7 @@ class DPO:
         """``(2B,)`` sequence log-probabilities under the reference."""
         with torch.no_grad():
             if self.reference is None:
-                with _adapter_disabled(model), _eval_mode(model):
+                with adapter_disabled(model), _eval_mode(model):
                     return sequence_logps(model(input_ids).logits, labels)
             device = input_ids.device
             if next(self.reference.parameters()).device != device:
@@ -120,7 +121,7 @@ class DPO:
             return sequence_logps(self.reference(input_ids).logits, labels)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        if self.reference is None and not _has_adapter(model):
+        if self.reference is None and not has_adapter(model):
             self.prepare(model)
         input_ids, labels = batch["input_ids"], batch["labels"]
         B = input_ids.shape[0] // 2
@@ -153,9 +154,3 @@ def _eval_mode(model: nn.Module):
     finally:
         model.train(was_training)
 
-
-def _has_adapter(model):  # PLACEHOLDER until zoo.adapters lands
-    return False
-
-
-_adapter_disabled = None

@@ -8,8 +8,9 @@ overrides: those that keep every tensor's shape (dropout, ``bias_update_rate``, 
 adapter) are allowed, one that changes a shape is a :class:`~zoo.errors.ConfigError` naming the key, the
 checkpoint's value and the override. The checkpoint's ``tokenizer.json`` (with its ``tokenizer_config.json``)
 becomes ``train.data.tokenizer``, so the data is tokenised as the model was trained. At training
-:func:`load_initial_model` reads the weights, and :func:`grow_vocabulary` adds rows for tokens the run's
-tokenizer added (the chat markers of SFT and DPO).
+:func:`load_initial_model` reads the weights (merging an adapter the checkpoint holds), :func:`grow_vocabulary`
+adds rows for tokens the run's tokenizer added (the chat markers of SFT and DPO), and the run adds its
+own ``model.adapter`` over the result.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from zoo.adapters import adapter_state_dict, add_adapter, merge_adapter
 from zoo.checkpoint.files import read_json
 from zoo.checkpoint.hub import HUB_PREFIX, resolve_checkpoint
 from zoo.checkpoint.pretrained import load_model, read_checkpoint, read_model_config
@@ -68,6 +70,7 @@ def resolve_init_from(raw: dict) -> dict:
         return raw
     directory = checkpoint_directory(str(source))
     stored = checkpoint_model_section(directory)
+    stored.pop("adapter", None)  # an adapter the checkpoint holds is merged into its weights (load_initial_model)
     overrides = raw.get("model") or {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"model: expected a mapping of overrides of the checkpoint's model, got {overrides!r}")
@@ -100,7 +103,7 @@ def _merge(base: dict, overrides: dict) -> dict:
 def _tensor_shapes(section: dict) -> dict[str, tuple]:
     section = {k: v for k, v in section.items() if k not in _NOT_IN_SKELETON}
     model = build_skeleton(ModelConfig.from_dict(section))  # on the meta device: no memory
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}  # adapter-free: no adapter tensors
 
 
 def _leaves(section, prefix: str = "model") -> dict[str, object]:
@@ -139,10 +142,30 @@ def _nested(dotted: str, value) -> dict:
     return out
 
 
-def load_initial_model(config: ModelConfig, source: str) -> nn.Module:
-    """The model of ``config`` (the resolved run config's ``model``) with the weights of ``train.init_from``."""
-    _, state_dict = read_checkpoint(checkpoint_directory(source))
-    return load_model(config, state_dict, source)
+def load_initial_model(config: ModelConfig, source: str, vocab_size: int) -> tuple[nn.Module, bool]:
+    """``(model, changed)``: the model of ``config`` (the resolved run config's ``model``) without its adapter,
+    with the weights of ``train.init_from``, grown to ``vocab_size`` ids (:func:`grow_vocabulary`).
+
+    An adapter the checkpoint holds is merged into its weights (:func:`zoo.adapters.merge_adapter`): the SFT
+    model a DPO run starts from is its base, and its reference. ``changed`` says whether the result differs
+    from the checkpoint's base (grown or merged): an adapter trained over it then needs it saved to name it."""
+    stored, state_dict = read_checkpoint(checkpoint_directory(source))
+    base_config = replace(config, adapter=None)
+    base_names = set(build_skeleton(base_config).state_dict())
+    model = load_model(base_config, {k: v for k, v in state_dict.items() if k in base_names}, source)
+    changed = stored.adapter is not None
+    if changed:
+        add_adapter(model, stored.adapter)
+        adapter_tensors = {k: v for k, v in state_dict.items() if k not in base_names}
+        missing = sorted(set(adapter_state_dict(model)) - set(adapter_tensors))
+        if missing:
+            raise CheckpointError(f"checkpoint {source!r} names adapter {stored.adapter.type!r} but lacks its "
+                                  f"tensors {missing[:5]}")
+        model.load_state_dict(adapter_tensors, strict=False)
+        merge_adapter(model)
+    changed |= vocab_size > model.config.vocab_size
+    grow_vocabulary(model, vocab_size)
+    return model, changed
 
 
 def grow_vocabulary(model: nn.Module, vocab_size: int) -> nn.Module:

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from zoo.adapters import add_adapter
 from zoo.checkpoint.hub import upload_checkpoint
 from zoo.errors import ConfigError
 from zoo.tokenizer import TOKENIZER_CONFIG
@@ -30,7 +31,7 @@ from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.chat_data import ChatDataModule, chat_sample
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
-from zoo.train.init_from import grow_vocabulary, load_initial_model
+from zoo.train.init_from import load_initial_model
 from zoo.train.metrics import perplexity
 from zoo.train.module import ZooLightningModule
 from zoo.train.plots import plot_expert_load, plot_losses
@@ -125,8 +126,11 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     tokenizer = datamodule.tokenizer
     model = None
     if train_cfg.init_from:  # the checkpoint's weights; rows for tokens the run's tokenizer added (chat markers)
-        model = grow_vocabulary(load_initial_model(config.model, train_cfg.init_from), tokenizer.vocab_size)
+        model, base_changed = load_initial_model(config.model, train_cfg.init_from, tokenizer.vocab_size)
         config = replace(config, model=replace(config.model, vocab_size=model.config.vocab_size))
+        if config.model.adapter is not None:  # over a base that is not the checkpoint's: saved to be named
+            base = str(_save_base(model, out_dir / "base", tokenizer).resolve()) if base_changed else train_cfg.init_from
+            add_adapter(model, config.model.adapter, base=base)
     elif config.model.vocab_size is None:
         config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -177,6 +181,14 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
         print(f"final validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) at step {steps}; "
               f"model in {out_dir / 'final'}")
     return result
+
+
+def _save_base(model, path: Path, tokenizer) -> Path:
+    """Save ``model`` (the base an adapter will train over) with the tokenizer as a checkpoint at ``path``."""
+    if _relaunched():
+        return path
+    extra = {"tokenizer.json": tokenizer.to_json(), TOKENIZER_CONFIG: tokenizer.tokenizer_config()}
+    return model.save_pretrained(path, extra_files={k: v for k, v in extra.items() if v is not None})
 
 
 def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks: list) -> dict:
