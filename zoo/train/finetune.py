@@ -64,7 +64,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(B,)``: ``sum_t log p(labels[t] | < t)`` over the scored positions (labels not ``-100``) of
     ``logits (B, T, V)``, position ``t - 1`` predicting ``labels[t]``; in float32 at least."""
     targets = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * (targets != -100)).sum(-1)
 
