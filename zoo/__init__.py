@@ -12,6 +12,7 @@ from zoo.checkpoint.pretrained import from_pretrained
 from zoo.errors import CheckpointError, ConfigError
 from zoo.factory import build_model, create_model, list_models
 from zoo.interop.export import export
+from zoo.interop.registration import register_when_transformers_is_imported
 from zoo.model import ModelConfig, ZooModel, ZooOutput
 from zoo.registry import BlockContext, register
 from zoo.registry import available as available_blocks
@@ -24,3 +25,5 @@ __all__ = [
     "register",
 ]
 __version__ = "0.2.0"
+
+register_when_transformers_is_imported()  # model_type "zoo" in transformers' Auto classes (zoo.interop.hf)
