@@ -143,5 +143,6 @@ def test_building_and_loading_stay_off_torchs_python_meta_kernels():
     sympy, a second or more on first use) and allocation avoids ``empty_like``'s meta path likewise."""
     fixture = Path(__file__).parent / "fixtures" / "zoo-0.1" / "moe"
     code = (f"import sys, zoo; zoo.from_pretrained({str(fixture)!r}); zoo.create_model('deepseek-moe-tiny', "
-            "n_layers=2); assert 'sympy' not in sys.modules, 'sympy imported'")
+            "n_layers=2); assert 'sympy' not in sys.modules, 'sympy imported'; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")  # (zoo.interop.registration)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module imports only from its own layer or below): :mod:`zoo.errors`,
 :mod:`zoo.registry`, :mod:`zoo.schema` -> :mod:`zoo.blocks` (and :mod:`zoo.fp8`) -> :mod:`zoo.model` ->
-:mod:`zoo.checkpoint` -> :mod:`zoo.train` -> :mod:`zoo.factory` and this face. Importing the package
+:mod:`zoo.checkpoint` -> :mod:`zoo.train` and :mod:`zoo.interop` -> :mod:`zoo.factory` and this face. Importing the package
 imports every built-in block, dispatcher, converter and objective, which registers them.
 """
 
@@ -12,6 +12,8 @@ from zoo.blocks.state import DecodingState
 from zoo.checkpoint.pretrained import from_pretrained
 from zoo.errors import CheckpointError, ConfigError
 from zoo.factory import build_model, create_model, list_models
+from zoo.interop.export import export
+from zoo.interop.registration import register_when_transformers_is_imported
 from zoo.model import ModelConfig, ZooModel, ZooOutput
 from zoo.registry import BlockContext, register
 from zoo.registry import available as available_blocks
@@ -20,7 +22,9 @@ from zoo.train.config import ZooConfig, load_config
 
 __all__ = [
     "BlockContext", "CheckpointError", "add_adapter", "ConfigError", "DecodingState", "ModelConfig", "ZooConfig", "ZooModel",
-    "ZooOutput", "available_blocks", "build_model", "create_model", "from_pretrained", "list_models", "load_config",
+    "ZooOutput", "available_blocks", "build_model", "create_model", "export", "from_pretrained", "list_models", "load_config",
     "register",
 ]
 __version__ = "0.2.0"
+
+register_when_transformers_is_imported()  # model_type "zoo" in transformers' Auto classes (zoo.interop.hf)

@@ -1,0 +1,113 @@
+"""zoo models inside transformers (``model_type: zoo``, zoo/interop/hf.py): models no transformers family
+represents (retention, a retention/attention/MoE hybrid) load with ``AutoModelForCausalLM``, give zoo's logits,
+generate zoo's greedy tokens with transformers' ``generate`` one new token per step, run in a pipeline, take a
+PEFT LoRA adapter, and register with transformers only when it is imported (that ``import zoo`` imports no
+transformers is checked by tests/test_init.py's fresh-process test)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import zoo  # noqa: E402
+from zoo.interop import registration  # noqa: E402
+from zoo.tokenizer import ByteTokenizer  # noqa: E402
+
+MODELS = {"retention": ("retnet-tiny", dict(n_layers=2)), "hybrid": ("hybrid-tiny", {})}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    preset, overrides = MODELS[request.param]
+    torch.manual_seed(0)
+    model = zoo.create_model(preset, d_model=64, layers={3: {"ffn": {"type": "switch", "n_experts": 4}}}
+                             if request.param == "hybrid" else {}, **overrides).eval()
+    path = tmp_path_factory.mktemp(request.param)
+    assert zoo.export(model, path, format="zoo", tokenizer=ByteTokenizer()) == "zoo"
+    return model, path, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_loads_with_the_auto_class_and_gives_zoo_logits_and_loss(exported):
+    model, _, hf = exported
+    assert type(hf).__name__ == "ZooForCausalLM" and hf.config.model_type == "zoo"
+    ids = torch.randint(0, 257, (2, 11))
+    with torch.no_grad():
+        out, expected = hf(input_ids=ids, labels=ids), model(ids, labels=ids)
+    assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
+
+
+def test_generate_equals_zoo_greedy_and_decodes_incrementally(exported):
+    model, _, hf = exported
+    ids = torch.randint(0, 256, (2, 7))
+    fed = []
+    hook = hf.model.embed.register_forward_hook(lambda module, args, out: fed.append(args[0].shape[1]))
+    with torch.no_grad():
+        got = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    hook.remove()
+    assert torch.equal(got, model.generate(ids, max_new_tokens=6))
+    assert fed == [7, 1, 1, 1, 1, 1]  # the prompt once, then one new token per step: the states carry the rest
+    torch.manual_seed(1)
+    sampled = hf.generate(ids, max_new_tokens=4, do_sample=True, top_k=5, temperature=0.8)
+    assert sampled.shape == (2, 11) and torch.equal(sampled[:, :7], ids)
+
+
+def test_pipeline_and_saving_with_transformers(exported, tmp_path):
+    model, path, hf = exported
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    pipe = transformers.pipeline("text-generation", model=hf, tokenizer=tokenizer)
+    text = pipe("hello", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    expected = model.generate(torch.tensor([list(b"hello")]), max_new_tokens=5)
+    assert text == ByteTokenizer().decode(expected[0].tolist())
+    hf.save_pretrained(tmp_path / "saved")  # transformers' own save loads back into zoo unchanged
+    again = zoo.from_pretrained(tmp_path / "saved")
+    assert again.config == model.config
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_peft_lora_on_the_zoo_linears_trains(exported):
+    peft = pytest.importorskip("peft")
+    _, path, _ = exported
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["qkv", "proj", "out", "gate_up", "down"]))
+    out = lora(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert torch.allclose(out.logits, before, atol=1e-6)  # LoRA starts as the identity (B = 0)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads) and all(g is not None for g in grads.values())
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())
+
+
+def test_padding_right_is_accepted_left_is_refused(exported):
+    _, _, hf = exported
+    ids = torch.randint(0, 256, (2, 6))
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids, attention_mask=right).logits, hf(input_ids=ids).logits)
+        with pytest.raises(ValueError, match="zoo models take no padding mask"):
+            hf(input_ids=ids, attention_mask=right.flip(-1))
+
+
+def test_registration_waits_for_the_first_import(monkeypatch, tmp_path):
+    """The finder zoo installs when transformers is not yet imported, tried on a stand-in package: importing
+    the package runs the registration module right after the package's own code, once."""
+    (tmp_path / "fake_transformers").mkdir()
+    (tmp_path / "fake_transformers" / "__init__.py").write_text("import sys\nsys.modules[__name__].order = ['package']\n")
+    (tmp_path / "fake_registration.py").write_text("import fake_transformers\nfake_transformers.order.append('registered')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registration, "_TRANSFORMERS", "fake_transformers")
+    monkeypatch.setattr(registration, "_WRAPPER", "fake_registration")
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    registration.register_when_transformers_is_imported()
+    registration.register_when_transformers_is_imported()  # a second call adds no second finder
+    assert sum(isinstance(f, registration._TransformersFinder) for f in sys.meta_path) == 1
+    package = importlib.import_module("fake_transformers")
+    assert package.order == ["package", "registered"]
+    assert not any(isinstance(f, registration._TransformersFinder) for f in sys.meta_path)

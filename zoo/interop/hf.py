@@ -1,0 +1,180 @@
+"""zoo models inside transformers: a ``PreTrainedModel`` and ``PretrainedConfig`` for the model type ``zoo``,
+registered with transformers' Auto classes (as flash-linear-attention registers its models).
+
+Any zoo model, RetNet, hybrids and Switch included, exported with ``zoo.export(model, path, format="zoo")``
+loads with ``transformers.AutoModelForCausalLM.from_pretrained(path)`` and works where transformers models
+work: ``generate`` (its sampling, stopping and streaming), pipelines, PEFT adapters on the zoo linears
+(``qkv``, ``out``, ``gate_up``, ``down``, ``proj``), lm-eval's ``hf`` model, the ``Trainer``.
+
+``ZooForCausalLM.model`` is the :class:`~zoo.ZooModel`; ``forward`` takes transformers' arguments and
+returns a ``CausalLMOutputWithPast`` (labels as in transformers: aligned with the inputs, shifted inside,
+-100 ignored; the loss is zoo's total, with its balancing and MTP terms). Decoding is incremental:
+:class:`ZooCache` is a transformers ``Cache`` holding each layer's zoo
+:class:`~zoo.blocks.state.DecodingState` (KV caches, MLA latents, retention's recurrent state), which each
+forward pass advances, so ``generate`` feeds one new token per step as zoo's own ``generate`` does.
+
+This module imports transformers; :mod:`zoo.interop.registration` imports it when transformers is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from zoo.blocks.state import DecodingState
+from zoo.checkpoint.importers import native
+from zoo.model import ModelConfig, ZooModel
+
+# transformers 5.2x names the decoding cache ``cache``; earlier versions ``past_key_values``.
+_CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+class ZooConfig(PretrainedConfig):
+    """The transformers config of a zoo model: the zoo model config under ``zoo_config`` (validated), and the
+    sizes transformers and its tools read (``vocab_size``, ``hidden_size``, ``max_position_embeddings``, ...)."""
+
+    model_type = native.MODEL_TYPE
+
+    def __init__(self, zoo_config: dict | None = None, **kwargs):
+        self.zoo_config = dict(zoo_config or {})
+        if self.zoo_config:
+            model = ModelConfig.from_dict(self.zoo_config)
+            for key, value in (("vocab_size", model.vocab_size), ("hidden_size", model.d_model),
+                               ("num_hidden_layers", model.n_layers), ("max_position_embeddings", model.max_seq_len),
+                               ("tie_word_embeddings", model.tie_embeddings)):
+                kwargs[key] = value
+        super().__init__(**kwargs)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.zoo_config)
+
+
+class ZooCache(Cache):
+    """The zoo decoding states of one ``generate`` call, one per layer, as a transformers ``Cache``.
+
+    ``length`` positions have been fed (the same in every layer). ``crop`` drops the last positions where
+    every state can rewind (KV caches), for transformers' assisted decoding; beam search's reordering is
+    not supported (a recurrent state has no per-position entries to reorder)."""
+
+    def __init__(self, states: list[DecodingState]):
+        super().__init__(layers=[])
+        self.states = states
+
+    @property
+    def length(self) -> int:
+        return self.states[0].length if self.states else 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(state.can_rewind for state in self.states)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for state in self.states:
+            state.rewind(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        raise NotImplementedError("zoo decoding states cannot be reordered for beam search: use num_beams=1 "
+                                  "(greedy or sampling)")
+
+    def reset(self):
+        raise NotImplementedError("a ZooCache is made for one generate call: start a new one")
+
+
+class ZooForCausalLM(PreTrainedModel, GenerationMixin):
+    """A :class:`~zoo.ZooModel` (``self.model``) as a transformers causal LM; see the module docstring."""
+
+    config_class = ZooConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        self.model = ZooModel(config.model_config)
+        self._decode_length = 0  # positions the states of the running generate call must hold
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        """zoo's init (:func:`zoo.model.build.init_weights`) one module at a time: each fills its own tensors."""
+        if hasattr(module, "init_own_weights"):
+            module.init_own_weights()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.embed
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.model.head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate must not build its DynamicCache: prepare_inputs_for_generation builds a ZooCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        self._decode_length = generation_config.max_length or 0
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                      use_cache: bool = True, **kwargs) -> dict:
+        """The next forward's inputs: with a cache (made here on the first step, sized for the call's
+        ``max_length``), only the tokens it has not seen."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if use_cache and cache is None:
+            capacity = max(self._decode_length, input_ids.shape[1] + 1)
+            cache = ZooCache(self.model.init_states(input_ids.shape[0], capacity))
+        if cache is not None:
+            input_ids = input_ids[:, cache.get_seq_length():]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, _CACHE: cache, "use_cache": use_cache}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """``input_ids (B, T)`` -> logits ``(B, T, vocab)``, the loss with ``labels``, and the advanced cache
+        (``cache`` / ``past_key_values``, a :class:`ZooCache`) when one is passed. ``attention_mask`` may only
+        mark right padding of a cache-less pass (causal positions never see later pads); zoo's mixers take
+        no padding mask, so left padding raises."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and not isinstance(cache, ZooCache):
+            raise TypeError(f"a zoo model decodes with its own ZooCache, got a {type(cache).__name__}")
+        _check_padding(attention_mask, cache)
+        states = cache.states if cache is not None else None
+        out = self.model(input_ids, labels=labels, states=states)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE: cache})
+
+
+def _check_padding(attention_mask: torch.Tensor | None, cache: ZooCache | None) -> None:
+    if attention_mask is None or bool(attention_mask.all()):
+        return
+    right_padded = bool((attention_mask.cummin(dim=-1).values == attention_mask).all())
+    if cache is None and right_padded:
+        return
+    raise ValueError("zoo models take no padding mask: pass unpadded batches (or right-padded ones without a "
+                     "cache); generate batches of prompts of one length, or one prompt at a time")
+
+
+def register() -> None:
+    """Register the ``zoo`` model type with ``AutoConfig`` and ``AutoModelForCausalLM`` (idempotent)."""
+    AutoConfig.register(native.MODEL_TYPE, ZooConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
+
+
+register()
