@@ -1,60 +1,9 @@
-"""Train a zoo model: ``python train.py --config PRESET_OR_YAML [dotted.key=value ...]``.
+"""Train a zoo model: ``python train.py --config PRESET_OR_YAML [dotted.key=value ...]``; see
+:mod:`zoo.train.command` (the same command as ``zoo train``)."""
 
-Examples::
-
-    python train.py --config dense-tiny
-    python train.py --config dense-tiny train.max_steps=50 train.data.corpus=pydoc-topics
-    python train.py --config dense-tiny --print-config
-    python train.py --config dense-tiny train.out_dir=runs/a train.resume=true
-    python train.py --config dense-tiny train.trainer.devices=2 train.trainer.strategy=ddp
-"""
-
-from __future__ import annotations
-
-import argparse
-import errno
-import signal
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a preset name (see zoo_configs/) or a YAML/JSON path")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.n_layers=2")
-    args = parser.parse_args(argv)
-
-    from zoo import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(config.to_yaml(), end="")
-            return 0
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        from zoo.train.run import train
-
-        try:
-            result = train(config)
-        except MisconfigurationException as err:  # a setting zoo cannot check before Lightning starts
-            print(f"lightning configuration error: {err}", file=sys.stderr)
-            return 2
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    except FloatingPointError as err:  # a non-finite loss or weights; the last good checkpoint is kept
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise
-        print(f"error: {err}", file=sys.stderr)  # a full disk or a file-size limit; the last checkpoint is kept
-        return 1
-    if not result.interrupted:
-        return 0
-    return 128 + (result.stop_signal or signal.SIGINT)  # the shell's code for death by that signal: 130, 143
-
+from zoo.train.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from zoo.train.run import train
 PACKAGE = Path(zoo.__file__).resolve().parent
 # Layer of each top-level part of the package, bottom to top: a module may import only its own layer or below.
 LAYERS = {"errors": 0, "registry": 0, "schema": 0, "tokenizer": 0, "blocks": 1, "fp8": 1, "adapters": 2, "model": 2,
-          "checkpoint": 3, "train": 4, "interop": 4, "factory": 5, "__init__": 6}
+          "checkpoint": 3, "train": 4, "interop": 4, "factory": 5, "evaluation": 5, "cli": 5, "__init__": 6}
 
 
 def module_name(path: Path) -> str:

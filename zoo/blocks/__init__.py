@@ -7,6 +7,11 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
   :class:`zoo.blocks.state.DecodingState` (a KV cache for attention, a recurrent state for retention):
   ``forward(x, state)`` advances it in place by ``T`` positions, and decoders roll it back with
   ``snapshot()``/``restore()`` (and ``rewind(n)`` where ``can_rewind``), never with anything else.
+  Padding reaches a mixer through its state only: where ``state.left_pad`` is set (left-padded batches of
+  prompts), the mixer takes rotary positions from ``state.positions()`` (0 at each row's first real
+  token) and must keep pad positions out of every real position's output, using ``state.real_keys(n)``
+  (attention masks pad keys; a recurrent state takes nothing in from a pad), so that each row decodes
+  exactly as it would alone. Without a state there is no padding.
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.blocks.auxiliary.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.

@@ -134,29 +134,41 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         offset = state.length if state is not None else 0
+        positions = state.positions() if state is not None else 0  # per row where rows are left-padded
         qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D)
         if self.q_norm is None:  # q and k rotated together
             qk, v = qkv.split([(H + Hkv) * D, Hkv * D], dim=-1)
-            q, k = self.rope(qk.view(B, T, H + Hkv, D), offset, seq_dim=1).split([H, Hkv], dim=2)
+            q, k = self.rope(qk.view(B, T, H + Hkv, D), positions, seq_dim=1).split([H, Hkv], dim=2)
         else:
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             if self.norm_per_head:
                 q, k = self.q_norm(q.view(B, T, H, D)), self.k_norm(k.view(B, T, Hkv, D))
             else:
                 q, k = self.q_norm(q).view(B, T, H, D), self.k_norm(k).view(B, T, Hkv, D)
-            q, k = self.rope(q, offset, seq_dim=1), self.rope(k, offset, seq_dim=1)
+            q, k = self.rope(q, positions, seq_dim=1), self.rope(k, positions, seq_dim=1)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = v.reshape(B, T, Hkv, D).transpose(1, 2)
+        real_keys = None
         if state is not None:
             k, v = state.append(k, v)  # (B, Hkv, offset + T, D)
-        y = attend(q, k, v, offset, self.backend)  # (B, H, T, D)
+            real_keys = state.real_keys(offset + T)
+        y = attend(q, k, v, offset, self.backend, real_keys)  # (B, H, T, D)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int = 0,
-           backend: Backend = "auto") -> torch.Tensor:
+           backend: Backend = "auto", real_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q: (B, H, T, D)`` at positions ``offset..offset+T-1`` over
-    ``k, v: (B, Hkv, offset + T, D)``; returns ``(B, H, T, D)``."""
+    ``k, v: (B, Hkv, offset + T, D)``; returns ``(B, H, T, D)``.
+
+    ``real_keys (B, offset + T)`` (left-padded rows, see :class:`zoo.blocks.state.DecodingState`) masks
+    the keys where it is False; a pad query sees only itself, so no row of the softmax is empty. Masked
+    attention runs on sdpa whatever the backend (eager stays eager)."""
+    if real_keys is not None:
+        mask = padded_causal_mask(q.shape[2], k.shape[2], offset, real_keys)  # (B, 1, T, S)
+        if backend == "eager":
+            return _eager_attention(q, k, v, offset, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     if backend == "auto":
         backend = "xformers" if q.is_cuda and _has_xformers() else "sdpa"
     if backend == "eager":
@@ -179,11 +191,20 @@ def _causal_mask(T: int, S: int, offset: int, device) -> torch.Tensor:
     return torch.arange(S, device=device)[None, :] <= torch.arange(offset, offset + T, device=device)[:, None]
 
 
-def _eager_attention(q, k, v, offset):
+def padded_causal_mask(T: int, S: int, offset: int, real_keys: torch.Tensor) -> torch.Tensor:
+    """Boolean ``(B, 1, T, S)``: the causal mask without the pad keys (``real_keys (B, S)`` False), except
+    that every query sees its own position (a pad query would otherwise see nothing and give NaN)."""
+    causal = _causal_mask(T, S, offset, real_keys.device)
+    own = torch.arange(S, device=real_keys.device)[None, :] == torch.arange(offset, offset + T, device=real_keys.device)[:, None]
+    return (causal & real_keys[:, None, None, :]) | own
+
+
+def _eager_attention(q, k, v, offset, mask=None):
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    scores = scores.masked_fill(~_causal_mask(q.shape[2], k.shape[2], offset, q.device), float("-inf"))
+    mask = _causal_mask(q.shape[2], k.shape[2], offset, q.device) if mask is None else mask
+    scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.blocks.attention import padded_causal_mask
 from zoo.blocks.norm import RMSNorm
 from zoo.blocks.rope import RotaryEmbedding
 from zoo.blocks.state import PositionalCache
@@ -128,34 +129,44 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_rope = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)  # (B, T, r)
         offset = state.length if state is not None else 0
-        q_rope = self.rope(q_rope, offset)
-        k_rope = self.rope(k_rope[:, None], offset)[:, 0]  # (B, T, dr), one head shared by all
+        positions = state.positions() if state is not None else 0  # per row where rows are left-padded
+        q_rope = self.rope(q_rope, positions)
+        k_rope = self.rope(k_rope[:, None], positions)[:, 0]  # (B, T, dr), one head shared by all
+        real_keys = None
         if state is not None:
             latent, k_rope = state.append(latent, k_rope)  # (B, S, r), (B, S, dr) with S = offset + T
+            real_keys = state.real_keys(offset + T)
         if state is not None and T == 1:
-            y = self._absorbed(q_nope, q_rope, latent, k_rope)
+            y = self._absorbed(q_nope, q_rope, latent, k_rope, real_keys)
         else:
-            y = self._expanded(q_nope, q_rope, latent, k_rope, offset)
+            y = self._expanded(q_nope, q_rope, latent, k_rope, offset, real_keys)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
 
-    def _expanded(self, q_nope, q_rope, latent, k_rope, offset: int) -> torch.Tensor:
-        """Rebuild per-head K, V from the latents (Eq. 10-11, 17) and attend; ``(B, H, T, dv)``."""
+    def _expanded(self, q_nope, q_rope, latent, k_rope, offset: int, real_keys=None) -> torch.Tensor:
+        """Rebuild per-head K, V from the latents (Eq. 10-11, 17) and attend; ``(B, H, T, dv)``; pad keys
+        (``real_keys (B, S)`` False) are masked as in :func:`zoo.blocks.attention.padded_causal_mask`."""
         B, S, _ = latent.shape
         T = q_nope.shape[2]
         kv = self.kv_up(latent).view(B, S, self.n_heads, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (B, H, S, dn), (B, H, S, dv)
         k = torch.cat((k_nope, k_rope[:, None].expand(B, self.n_heads, S, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
+        if real_keys is not None:
+            mask = padded_causal_mask(T, S, offset, real_keys)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         if offset == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(offset, offset + T, device=q.device)[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope) -> torch.Tensor:
-        """One new token against every cached latent, with W_UK and W_UV absorbed (§2.1.3); ``(B, H, 1, dv)``."""
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, real_keys=None) -> torch.Tensor:
+        """One new token against every cached latent, with W_UK and W_UV absorbed (§2.1.3); ``(B, H, 1, dv)``;
+        pad latents (``real_keys (B, S)`` False) get no weight."""
         w = self.kv_up.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.nope, self.v_dim], dim=1)  # (H, dn, r), (H, dv, r)
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)  # (B, H, 1, r)
         scores = q_latent @ latent[:, None].transpose(-2, -1) + q_rope @ k_rope[:, None].transpose(-2, -1)
+        if real_keys is not None:
+            scores = scores.masked_fill(~real_keys[:, None, None, :], float("-inf"))
         probs = (scores.float() * self.scale).softmax(dim=-1).to(latent.dtype)  # (B, H, 1, S)
         return torch.einsum("bhtr,hvr->bhtv", probs @ latent[:, None], w_uv)

@@ -144,8 +144,11 @@ class MultiScaleRetention(nn.Module):
         q = q.view(B, T, self.n_heads, self.key_dim).transpose(1, 2)  # (B, H, T, Dk)
         k = k.view(B, T, self.n_heads, self.key_dim).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.value_dim).transpose(1, 2)  # (B, H, T, Dv)
-        offset = state.length if state is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset) * self.key_dim ** -0.5
+        positions = state.positions() if state is not None else 0  # per row where rows are left-padded
+        q, k = self.rope(q, positions), self.rope(k, positions) * self.key_dim ** -0.5
+        real = state.real_keys(state.length + T) if state is not None else None
+        if real is not None:  # a pad's key is zero, so it never enters the recurrent state (which, zero
+            k = k * real[:, None, -T:, None].to(k.dtype)  # before a row's first real token, decays to zero)
         y = self._retain(q, k, v, state)  # (B, H, T, Dv)
         y = self._head_norm(y.transpose(1, 2)).to(gate.dtype)  # (B, T, H * Dv)
         return self.out(F.silu(gate) * y)

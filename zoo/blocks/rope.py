@@ -234,15 +234,23 @@ class RotaryEmbedding(nn.Module):
             self._tables[key] = cached
         return cached[0][offset:end], cached[1][offset:end]
 
-    def forward(self, x: torch.Tensor, offset: int = 0, seq_dim: int = -2) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0, seq_dim: int = -2) -> torch.Tensor:
         """Rotate ``x (..., D)`` whose positions run along ``seq_dim`` (``(B, H, T, D)`` by default,
-        ``seq_dim=1`` for ``(B, T, H, D)``) and whose first position is ``offset``."""
+        ``seq_dim=1`` for ``(B, T, H, D)``) and whose first position is ``offset``: an int, or a ``(B,)``
+        tensor of per-row first positions for a batch-first ``x`` (left-padded rows; positions below 0,
+        which only pads have, are rotated as position 0)."""
         seq_dim = seq_dim % x.dim()
         T = x.shape[seq_dim]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        cos, sin = self._cos_sin(offset, T, x.device, dtype)
         broadcast = (T,) + (1,) * (x.dim() - seq_dim - 2) + (self.head_dim // 2,)
-        cos, sin = cos.view(broadcast), sin.view(broadcast)
+        if isinstance(offset, torch.Tensor):
+            positions = (offset[:, None] + torch.arange(T, device=offset.device)).clamp(min=0)  # (B, T)
+            cos, sin = self._cos_sin(0, int(positions.max()) + 1, x.device, dtype)
+            broadcast = (x.shape[0],) + (1,) * (seq_dim - 1) + broadcast
+            cos, sin = cos[positions].view(broadcast), sin[positions].view(broadcast)
+        else:
+            cos, sin = self._cos_sin(offset, T, x.device, dtype)
+            cos, sin = cos.view(broadcast), sin.view(broadcast)
         if not (torch.is_grad_enabled() and x.requires_grad):  # decoding: no autograd node to build
             return _rotate(x, cos, sin, 1.0)
         return _Rotate.apply(x, cos, sin)

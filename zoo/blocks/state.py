@@ -8,6 +8,12 @@ state)`` consumes ``x (B, T, d_model)`` and advances the state in place by ``T``
 * ``snapshot()`` marks the current position and ``restore(snapshot)`` returns to it, discarding
   whatever was fed since. Speculative decoding (Leviathan et al. 2023, §2.3) snapshots before feeding
   drafted tokens and restores when they are rejected.
+* ``left_pad`` (a ``(B,)`` long tensor, or None) says that row ``b``'s first ``left_pad[b]`` positions are
+  padding: batches of prompts of different lengths are left-padded so that every row's next token sits
+  at the same index. Decoders set it on fresh states (:meth:`zoo.ZooModel.init_states`); mixers read it
+  through :meth:`DecodingState.positions` (rotary positions count from 0 at a row's first real token)
+  and :meth:`DecodingState.real_keys` (attention never attends to a pad; a recurrent state never
+  takes one in), so that a padded row decodes exactly as the same row alone.
 * ``can_rewind`` states also drop their last ``n`` positions with ``rewind(n)``, keeping the ones
   before: after a verification pass, a KV cache keeps the accepted tokens' positions, whereas a
   recurrent state, which has folded every token into one matrix, must be restored and fed the
@@ -19,6 +25,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+import torch
+
 
 class DecodingState(ABC):
     """A mixer's decoding state: ``length`` positions held, rolled back by ``snapshot``/``restore``.
@@ -26,8 +34,20 @@ class DecodingState(ABC):
     Advanced in place by the owning mixer's ``forward``; see the module docstring for the contract.
     """
 
-    length: int  # positions fed so far (the rotary offset of the next token)
+    length: int  # positions fed so far, pads included
+    left_pad: torch.Tensor | None = None  # (B,) leading pad positions per row; None: no padding
     can_rewind: ClassVar[bool] = False
+
+    def positions(self) -> int | torch.Tensor:
+        """The rotary position of the next token: ``length`` without padding, else a ``(B,)`` tensor
+        ``length - left_pad`` (negative while a row is still in its padding; rotary tables clamp it to 0)."""
+        return self.length if self.left_pad is None else self.length - self.left_pad
+
+    def real_keys(self, end: int) -> torch.Tensor | None:
+        """``(B, end)`` bool, True at the positions ``0..end-1`` that hold real tokens; None without padding."""
+        if self.left_pad is None:
+            return None
+        return torch.arange(end, device=self.left_pad.device)[None, :] >= self.left_pad[:, None]
 
     @abstractmethod
     def snapshot(self) -> object:

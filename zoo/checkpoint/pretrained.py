@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
@@ -34,6 +35,7 @@ from zoo.errors import CheckpointError
 from zoo.fp8 import checkpoint as fp8_checkpoint
 from zoo.model import ModelConfig, ZooModel, build_skeleton, materialize
 from zoo.model.memory import check_fits
+from zoo.tokenizer import HFTokenizer
 
 FORMAT_VERSION = 2  # of config.json: 2 holds {"format_version", "model"}; zoo 0.1 wrote the run config (1)
 _READ_ATTEMPTS = 8  # of a checkpoint being replaced while read; backing off 10 ms doubling (2.5 s in all)
@@ -44,7 +46,8 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
                     extra_files: Mapping[str, str | bytes] | None = None, training: Mapping | None = None,
                     license: str = "apache-2.0", weights_format: str = "hp") -> Path:
     """Write ``config.json``, the safetensors weights (sharded with an index above ``max_shard_size``),
-    ``extra_files`` (name -> content, e.g. ``tokenizer.json``) and a model card ``README.md`` to ``path``.
+    ``extra_files`` (name -> content, e.g. ``tokenizer.json``; ``model.tokenizer``'s is written when it has one
+    and ``extra_files`` brings none) and a model card ``README.md`` to ``path``.
 
     ``config.json`` holds the model config under ``model`` and :data:`FORMAT_VERSION`; a run's own config
     may travel beside it as an extra file (``run_config.yaml``), never needed to load. ``training`` adds
@@ -76,6 +79,9 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
     if weights_format not in ("hp", "fp8"):
         raise ValueError(f"weights_format={weights_format!r}; choose 'hp' (high precision) or 'fp8'")
     path = Path(path)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None and "tokenizer.json" not in (extra_files or {}):
+        extra_files = {**(extra_files or {}), "tokenizer.json": tokenizer.to_json()}
     check_replaceable(path, set(extra_files or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
@@ -121,7 +127,9 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
 
     An adapter directory or repo (``adapter_config.json``: zoo's, or a peft LoRA adapter of a Llama-family
     model, :mod:`zoo.checkpoint.peft`) loads the base it names (``base`` overrides that: a path or
-    ``hf-hub:ORG/NAME@REVISION``) with the adapter added; ``dtype`` and ``drop_mtp`` apply to the base."""
+    ``hf-hub:ORG/NAME@REVISION``) with the adapter added; ``dtype`` and ``drop_mtp`` apply to the base.
+    ``model.tokenizer`` is the checkpoint's ``tokenizer.json`` (:class:`zoo.tokenizer.HFTokenizer`), None
+    when it has none, so that ``model.generate_text`` works on any checkpoint that ships its tokenizer."""
     directory = resolve_checkpoint(path_or_repo_id, revision, token=token, cache_dir=cache_dir)
     if is_adapter_dir(directory):
         def load_base(name: str, base_revision: str | None) -> ZooModel:
@@ -132,7 +140,7 @@ def from_pretrained(path_or_repo_id: str | os.PathLike, revision: str | None = N
     if base is not None:
         raise ValueError(f"base={base!r} applies to adapter checkpoints; {str(path_or_repo_id)!r} is a model")
     config, state_dict = read_checkpoint(directory)
-    return load_model(config, state_dict, str(path_or_repo_id), dtype, drop_mtp=drop_mtp)
+    return _with_tokenizer(load_model(config, state_dict, str(path_or_repo_id), dtype, drop_mtp=drop_mtp), directory)
 
 
 def load_pretrained(repo_id: str, config: ModelConfig, revision: str | None = None, token: str | None = None,
@@ -144,7 +152,7 @@ def load_pretrained(repo_id: str, config: ModelConfig, revision: str | None = No
     a shape mismatch names the tensors."""
     directory = resolve_checkpoint(repo_id, revision, token=token)
     _, state_dict = read_checkpoint(directory)
-    return load_model(config, state_dict, repo_id, drop_mtp=drop_mtp)
+    return _with_tokenizer(load_model(config, state_dict, repo_id, drop_mtp=drop_mtp), directory)
 
 
 def load_hub_model(name: str, overrides: Mapping | None = None, revision: str | None = None,
@@ -156,7 +164,26 @@ def load_hub_model(name: str, overrides: Mapping | None = None, revision: str | 
     config, state_dict = read_checkpoint(directory)
     if overrides:
         config = config.with_overrides(overrides)
-    return load_model(config, state_dict, name, drop_mtp=drop_mtp)
+    return _with_tokenizer(load_model(config, state_dict, name, drop_mtp=drop_mtp), directory)
+
+
+def read_tokenizer(directory: Path) -> HFTokenizer | None:
+    """The tokenizer of a checkpoint directory (its ``tokenizer.json``), or None when it holds none. A
+    tokenizer without an end-of-text token zoo knows is left out with a warning (the weights still load)."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        return HFTokenizer.from_file(path)
+    except ValueError as err:
+        warnings.warn(f"model loaded without its tokenizer: {err}", stacklevel=3)
+        return None
+
+
+def _with_tokenizer(model: ZooModel, directory: Path) -> ZooModel:
+    """``model`` with ``model.tokenizer`` read from ``directory`` (None when it has no ``tokenizer.json``)."""
+    model.tokenizer = read_tokenizer(directory)
+    return model
 
 
 def read_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

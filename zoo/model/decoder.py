@@ -23,9 +23,11 @@ from zoo.blocks.state import DecodingState
 from zoo.errors import ConfigError
 from zoo.model.block import Block
 from zoo.model.config import ModelConfig
-from zoo.model.generation import generate, generate_speculative
+from zoo.model.generation import generate
 from zoo.model.losses import linear_cross_entropy, shifted_cross_entropy
 from zoo.model.mtp import MultiTokenPrediction
+from zoo.model.speculative import generate_speculative
+from zoo.model.text import generate_text
 from zoo.registry import BlockContext
 
 
@@ -51,6 +53,8 @@ class ZooModel(nn.Module):
     inputs (the model shifts them: position t is scored on ``labels[t + 1]``); ``-100`` is ignored.
     ``self.mtp`` holds the multi-token prediction modules (None without ``model.mtp``); they run only
     when labels are given (training, validation) or when :meth:`generate` drafts with them.
+    ``self.tokenizer`` is the model's tokenizer (:mod:`zoo.tokenizer`), or None when it is unknown: checkpoints
+    that hold a ``tokenizer.json`` set it on load, and :meth:`generate_text` needs it.
     """
 
     def __init__(self, config: ModelConfig):
@@ -70,6 +74,7 @@ class ZooModel(nn.Module):
         self.tie_weights()
         self.mtp = MultiTokenPrediction(config) if config.mtp is not None else None
         self.adapter_base = None  # where the frozen base of an adapter came from (zoo.adapters.add_adapter)
+        self.tokenizer = None  # what generate_text encodes with; set by from_pretrained from tokenizer.json
 
     def tie_weights(self) -> None:
         """Make the output head share the embedding's weight when ``config.tie_embeddings`` is set (again
@@ -130,9 +135,11 @@ class ZooModel(nn.Module):
         self.config = self.config.without_mtp()
         return self
 
-    def init_states(self, batch_size: int, max_len: int, blocks=None) -> list[DecodingState]:
+    def init_states(self, batch_size: int, max_len: int, blocks=None,
+                    left_pad: torch.Tensor | None = None) -> list[DecodingState]:
         """Fresh per-layer decoding states (KV caches, recurrent states) for ``max_len`` positions, of
-        the main model's blocks or of ``blocks`` (e.g. the MTP modules' blocks). Decoding relies on the
+        the main model's blocks or of ``blocks`` (e.g. the MTP modules' blocks); ``left_pad (B,)``: the
+        number of leading pad positions of each row (see :class:`~zoo.blocks.state.DecodingState`). Decoding relies on the
         :class:`~zoo.blocks.state.DecodingState` protocol alone, so a mixer whose ``init_state`` returns
         anything else is a ``TypeError`` here rather than a failure midway through decoding."""
         param = self.embed.weight
@@ -145,31 +152,49 @@ class ZooModel(nn.Module):
             if not isinstance(state, DecodingState):
                 raise TypeError(f"{type(block.mixer).__name__}.init_state returned a {type(state).__name__}, "
                                 f"not a zoo.blocks.state.DecodingState (see the mixer contract in zoo.blocks)")
+            state.left_pad = left_pad if left_pad is not None and bool(left_pad.any()) else None
         return states
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, speculative: str | None = None,
-                 return_stats: bool = False):
+                 return_stats: bool = False, attention_mask: torch.Tensor | None = None,
+                 repetition_penalty: float | None = None):
         """Continue ``input_ids (B, T)`` by up to ``max_new_tokens``; see :func:`zoo.model.generation.generate`.
+        ``attention_mask (B, T)``: 0 at left padding (prompts of different lengths in one batch; each row
+        decodes as it would alone). ``repetition_penalty``: CTRL's (Keskar et al. 2019, §4.1), as transformers'.
 
-        ``speculative="mtp"``: greedy self-speculative decoding, the MTP modules drafting and the main
-        model verifying (:func:`zoo.model.generation.generate_speculative`; same tokens as plain greedy).
+        ``speculative="mtp"``: self-speculative decoding, the MTP modules drafting and the main model
+        verifying (:func:`zoo.model.speculative.generate_speculative`): greedy gives plain greedy's tokens, and
+        sampling follows the speculative sampling rule, so the output distribution is plain decoding's.
         ``return_stats=True`` returns ``(ids, stats)`` (acceptance rate, drafted, accepted, passes).
         Decoding runs in eval mode (dropless experts, no load counts for the balancing bias); every
         module's mode is restored afterwards."""
         if speculative is None:
-            ids = generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator)
+            ids = generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, generator,
+                           attention_mask, repetition_penalty)
             stats = {"forward_passes": ids.shape[1] - input_ids.shape[1]}
         elif speculative == "mtp":
-            if temperature != 0.0 or top_k is not None or top_p is not None:
-                raise ValueError("speculative='mtp' decodes greedily: set temperature=0 and no top_k / top_p "
-                                 f"(got temperature={temperature}, top_k={top_k}, top_p={top_p})")
-            ids, stats = generate_speculative(self, input_ids, max_new_tokens, eos_token_id)
+            if repetition_penalty not in (None, 1.0):
+                raise ValueError("speculative='mtp' does not apply a repetition_penalty: leave it None, or decode "
+                                 "without speculative")
+            ids, stats = generate_speculative(self, input_ids, max_new_tokens, eos_token_id, temperature, top_k,
+                                              top_p, generator, attention_mask)
         else:
             raise ValueError(f"speculative={speculative!r}; choose None (plain decoding) or 'mtp'")
         return (ids, stats) if return_stats else ids
+
+    def generate_text(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, stop=(), repetition_penalty: float | None = None,
+                      stream: bool = False, generator: torch.Generator | None = None):
+        """Text in, text out with ``self.tokenizer``: the continuation of ``prompt`` (a str), or a list of
+        continuations of a list of prompts (decoded as one left-padded batch, each as if alone), ending at
+        the end-of-text token, the first of the ``stop`` strings (left out) or ``max_new_tokens``.
+        ``stream=True`` returns an iterator of text pieces (never a split UTF-8 character). Sampling options
+        as :meth:`generate`; see :func:`zoo.model.text.generate_text`."""
+        return generate_text(self, self.tokenizer, prompt, max_new_tokens, stop, stream, temperature=temperature,
+                             top_k=top_k, top_p=top_p, generator=generator, repetition_penalty=repetition_penalty)
 
     # The checkpoint layer sits above the model (it builds models to load them): these two conveniences of
     # the public API reach up to it when called.
