@@ -75,11 +75,13 @@ BAND_LABEL = "mean (min–max over seeds)"
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
 
-def reproduction_parser(doc: str, seeds: int = 3) -> argparse.ArgumentParser:
-    """The command line every reproduction shares: ``--quick``, ``--steps N``, ``--seeds N`` (default 3)."""
+def reproduction_parser(doc: str, seeds: int = 3, steps: bool = True) -> argparse.ArgumentParser:
+    """The command line every reproduction shares: ``--quick``, ``--steps N`` (unless ``steps=False``: a
+    script that sets each run's steps itself) and ``--seeds N`` (default 3)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short pass on a small corpus (under 2 minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the script's)")
+    if steps:
+        parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the script's)")
     parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per variant (default {seeds})")
     return parser
 

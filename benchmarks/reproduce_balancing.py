@@ -112,7 +112,7 @@ def main() -> None:
     rows = [[v, rate if v == "loss_free" else None, r["val_loss"], r["val_loss"]["mean"] / aux["val_loss"]["mean"],
              r["val_maxvio"], r["val_maxvio"]["mean"] / aux["val_maxvio"]["mean"], PAPER_MAXVIO[v]]
             for v, r in results.items()]
-    print_table(columns, [[c["mean"] if isinstance(c, dict) else c for c in row] for row in rows])
+    print_table(columns, rows)
     name = "reproduce_balancing" + ("_quick" if args.quick else "")
     png = plot_path(name)
     plot(results, png)
