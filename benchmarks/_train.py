@@ -29,6 +29,19 @@ def budget(quick: bool, steps: int | None = None) -> dict:
     return {"steps": steps or 300, "batch_size": 8, "seq_len": 128, "corpus": "python-stdlib", "val_batches": 16}
 
 
+def width_overrides(d_model: int) -> list[str]:
+    """A ``dense-tiny``-shaped model (any FFN) at width ``d_model``: 32-wide heads (at least one; half as many
+    K/V heads), FFN width 2.75 d (a multiple of 8), eager attention."""
+    heads = max(1, d_model // 32)
+    return [f"model.d_model={d_model}", f"model.mixer.n_heads={heads}", f"model.mixer.n_kv_heads={max(1, heads // 2)}",
+            f"model.ffn.d_hidden={ffn_width(d_model)}", EAGER_ATTENTION]
+
+
+def ffn_width(d_model: int) -> int:
+    """The FFN width :func:`width_overrides` gives a width-``d_model`` model."""
+    return 8 * round(2.75 * d_model / 8)
+
+
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     """Column -> [(step, value)] from a Lightning CSVLogger ``metrics.csv``."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -135,6 +148,16 @@ def plot_band(ax, cb: dict, label: str, **style) -> None:
     """Draw a :func:`curve_band` on matplotlib ``ax``: the mean as a line, the min-max range shaded."""
     (line,) = ax.plot(cb["steps"], cb["mean"], label=label, **style)
     ax.fill_between(cb["steps"], cb["min"], cb["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def value_at(curve: list[tuple[int, float]], step: float) -> float:
+    """A ``[(step, value)]`` curve linearly interpolated at ``step`` (clamped to its ends)."""
+    if step <= curve[0][0]:
+        return curve[0][1]
+    for (s0, v0), (s1, v1) in zip(curve, curve[1:]):
+        if step <= s1:
+            return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return curve[-1][1]
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

@@ -28,8 +28,8 @@ from scipy.optimize import least_squares
 
 import zoo
 from benchmarks._common import plot_path, print_table, save, table
-from benchmarks._train import (BAND_LABEL, EAGER_ATTENTION, band, budget, reproduction_parser, runs_band,
-                               train_seeds, verdict)
+from benchmarks._train import (BAND_LABEL, band, budget, reproduction_parser, runs_band, train_seeds, verdict,
+                               width_overrides)
 
 WIDTHS = (24, 32, 48, 64, 96)  # the last is held out and predicted
 TOKENS_PER_PARAMETER = {False: 4.0, True: 0.001}  # full, --quick
@@ -38,17 +38,9 @@ BOUNDS = {"E": (0.0, 5.0), "log10_A": (-3.0, 8.0), "alpha": (0.01, 3.0)}
 KAPLAN_ALPHA_N, HOFFMANN_ALPHA = 0.076, 0.34
 
 
-def size_overrides(d_model: int) -> list[str]:
-    """``dense-tiny`` at width ``d_model``: 32-wide heads (at least one; half as many K/V heads), SwiGLU width
-    2.75 d."""
-    heads = max(1, d_model // 32)
-    return [f"model.d_model={d_model}", f"model.mixer.n_heads={heads}", f"model.mixer.n_kv_heads={max(1, heads // 2)}",
-            f"model.ffn.d_hidden={8 * round(2.75 * d_model / 8)}", EAGER_ATTENTION]
-
-
 def non_embedding(d_model: int, vocab: int = 257) -> int:
     """Kaplan's N for the width-``d_model`` model: its parameters less the (tied) token embedding."""
-    return zoo.create_model("dense-tiny", overrides=size_overrides(d_model)).num_parameters() - vocab * d_model
+    return zoo.create_model("dense-tiny", overrides=width_overrides(d_model)).num_parameters() - vocab * d_model
 
 
 def fit_power_law(ns: list[float], losses: list[float]) -> dict:
@@ -161,7 +153,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for s in fitted:
-            runs[s["d_model"]] = train_seeds("dense-tiny", size_overrides(s["d_model"]), {**base, "steps": s["steps"]},
+            runs[s["d_model"]] = train_seeds("dense-tiny", width_overrides(s["d_model"]), {**base, "steps": s["steps"]},
                                              Path(tmp) / f"d{s['d_model']}", args.seeds, evals=2)
             s["val_loss"] = runs_band(runs[s["d_model"]])
         points = [(s["N"], run["val_loss"]) for s in fitted for run in runs[s["d_model"]]]
@@ -182,7 +174,7 @@ def main() -> None:
                                                             prediction["mean"], None]])})
         print(f"fit {fit}; predicted loss at N={held_out['N']:,}: {prediction['mean']:.4f} (saved before training it)",
               flush=True)
-        held_runs = train_seeds("dense-tiny", size_overrides(held_out["d_model"]), {**base, "steps": held_out["steps"]},
+        held_runs = train_seeds("dense-tiny", width_overrides(held_out["d_model"]), {**base, "steps": held_out["steps"]},
                                 Path(tmp) / f"d{held_out['d_model']}", args.seeds, evals=2)
     measured = held_out["val_loss"] = runs_band(held_runs)
     rows.append([f"{held_out['d_model']} (predicted first)", held_out["N"], held_out["tokens"], held_out["flops"],
