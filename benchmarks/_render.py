@@ -134,6 +134,11 @@ def render(results_dir: Path = RESULTS, out: Path | None = None) -> Path:
     lines.append("")
     for payload in payloads:
         lines.append(section(payload, results_dir, out.parent.resolve()))
+    figures = [(p["benchmark"], plot) for p in payloads for plot in p.get("plots", [])]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"- [{plot}]({os.path.relpath(results_dir / plot, out.parent.resolve())}) ([{name}](#{name}))"
+                  for name, plot in figures]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
