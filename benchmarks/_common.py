@@ -172,8 +172,16 @@ def bar_plot(name: str, title: str, panels: list[tuple[str, str, dict]]) -> str:
     return path.name
 
 
+def _text(cell) -> str:
+    """A printed cell: floats to 3 significant digits, a ``summary()`` or seed-band dict as ``centre (min-max)``."""
+    if isinstance(cell, dict):
+        centre = cell["median"] if "median" in cell else cell["mean"]
+        return f"{centre:,.3g} ({cell['min']:,.3g}-{cell['max']:,.3g})"
+    return f"{cell:,.3g}" if isinstance(cell, float) else str(cell)
+
+
 def print_table(headers: list[str], rows: list[list]) -> None:
-    cells = [[str(c) for c in headers]] + [[f"{c:,.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [[str(c) for c in headers]] + [[_text(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for i, row in enumerate(cells):
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))

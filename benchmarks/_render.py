@@ -52,9 +52,12 @@ def format_number(x) -> str:
 
 
 def format_cell(cell) -> str:
-    if isinstance(cell, dict) and "median" in cell:
+    """A table cell: a ``summary()`` dict as ``median (min–max)``, a seed band (``mean``/``min``/``max``, see
+    ``benchmarks/_train.py``) as ``mean (min–max)``, anything else as :func:`format_number`."""
+    centre = next((key for key in ("median", "mean") if isinstance(cell, dict) and key in cell), None)
+    if centre:
         spread = f" ({format_number(cell['min'])}–{format_number(cell['max'])})" if "min" in cell else ""
-        return format_number(cell["median"]) + spread
+        return format_number(cell[centre]) + spread
     return format_number(cell).replace("|", "\\|")
 
 
@@ -116,16 +119,26 @@ def render(results_dir: Path = RESULTS, out: Path | None = None) -> Path:
              "Each table is the medians of repeats alternated in one run, with min–max in parentheses; ratios "
              "are against the peer measured in the same run. Machine(s):", ""]
     lines += [f"- {m}" for m in machines] or ["- (no results yet)"]
-    lines += ["", "## Reproductions of headline claims", "", "| claim | result |", "|---|---|"]
+    lines += ["", "## Reproductions of headline claims", "",
+              "Verdicts come from the seed bands (mean with the min–max range over seeds): a claim is *reproduced* "
+              "only when the difference it predicts exceeds the spread, *not reproduced* when the bands show the "
+              "opposite, *inconclusive* when they overlap.", "",
+              "| claim | verdict | reason | result |", "|---|---|---|---|"]
     for key, claim in REPRODUCTIONS.items():
         found = by_name.get(key) or by_name.get(f"{key}_quick")
-        status = f"[{found['benchmark']}](#{found['benchmark']})" if found else "not run"
+        link = f"[{found['benchmark']}](#{found['benchmark']})" if found else "not run"
         if found and found.get("quick"):
-            status += " (quick pass only)"
-        lines.append(f"| {claim} | {status} |")
+            link += " (quick pass only)"
+        judged = (found or {}).get("verdict") or {"status": "—", "reason": "no verdict in this result"}
+        lines.append(f"| {claim} | {judged['status']} | {format_cell(judged['reason'])} | {link} |")
     lines.append("")
     for payload in payloads:
         lines.append(section(payload, results_dir, out.parent.resolve()))
+    figures = [(p["benchmark"], plot) for p in payloads for plot in p.get("plots", [])]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"- [{plot}]({os.path.relpath(results_dir / plot, out.parent.resolve())}) ([{name}](#{name}))"
+                  for name, plot in figures]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out

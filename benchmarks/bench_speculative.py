@@ -31,6 +31,7 @@ import torch
 
 import zoo
 from benchmarks._common import alternate, plot_path, print_table, save, summary, table
+from benchmarks._train import order, verdict
 from zoo.blocks.auxiliary import AuxCollector
 from zoo.train.data import ZooDataModule
 from zoo.train.run import train
@@ -191,7 +192,23 @@ def report(payload: dict) -> dict:
                            ["decoder", "tokens/s", "x vs plain", "acceptance", "tokens per main pass"], rows),
             "tables": [table("MTP on vs off: main-head validation loss (nats/token), same initial weights and batches",
                              ["step", "with MTP", "without MTP (peer)", "difference"], loss_rows)],
-            "reading": reading}
+            "reading": reading, "verdict": judge(payload)}
+
+
+def judge(payload: dict) -> dict:
+    """The verdict on the decoding claim: speculative tokens/s above plain's beyond the repeats' min-max spread,
+    with identical output (one training seed: the speed-up is a decoding measurement, repeated, not a loss)."""
+    plain, spec = payload["plain_tokens_per_sec"], payload["speculative_tokens_per_sec"]
+    figures = (f"{payload['speedup']:.2f}x plain greedy decoding (DeepSeek-V3: 1.8x), {payload['acceptance_rate']:.0%} "
+               f"of drafts accepted, medians of {payload['decode']['repeats']} alternating repeats")
+    if not payload["identical_output"]:
+        return verdict("not reproduced", f"Speculative decoding changed the greedy output: {figures}.")
+    where = order(spec, plain)
+    if where == "above":
+        return verdict("reproduced", f"MTP self-speculative decoding is faster beyond the repeats' spread: {figures}.")
+    if where == "below":
+        return verdict("not reproduced", f"MTP self-speculative decoding is slower beyond the spread: {figures}.")
+    return verdict("inconclusive", f"The tokens/s ranges of the two decoders overlap: {figures}.")
 
 
 def plot(steps: list[int], curves: dict, path: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks._common import table
 from benchmarks._render import render
-from benchmarks._train import steps_to_reach
+from benchmarks._train import VERDICTS, band, curve_band, order, steps_to_reach, value_at, verdict
 from benchmarks.reproduce_scaling import fit_power_law, predict
 from benchmarks.run_all import discover
 
@@ -24,9 +24,13 @@ def check_payload(payload: dict) -> None:
         assert t["title"] and t["columns"] and t["rows"]
         assert all(len(row) == len(t["columns"]) for row in t["rows"]), t["title"]
         for row in t["rows"]:
-            for cell in row:
-                assert not isinstance(cell, dict) or {"median", "min", "max"} <= set(cell), t["title"]
-                assert not isinstance(cell, dict) or cell["min"] <= cell["median"] <= cell["max"], t["title"]
+            for cell in row:  # a summary() of repeats or a seed band
+                if isinstance(cell, dict):
+                    centre = "median" if "median" in cell else "mean"
+                    assert {centre, "min", "max"} <= set(cell), t["title"]
+                    assert cell["min"] <= cell[centre] <= cell["max"], t["title"]
+    if "verdict" in payload:
+        assert payload["verdict"]["status"] in VERDICTS and payload["verdict"]["reason"]
 
 
 def test_quick_suite_schema(tmp_path):
@@ -46,7 +50,10 @@ def test_quick_suite_schema(tmp_path):
         for plot in payload.get("plots", []):
             assert (tmp_path / plot).is_file()
     switch = payloads["reproduce_switch_vs_dense_quick"]
-    assert switch["quick"] and switch["reading"] and len(switch["results"]["dense"]["val_loss_curve"]) >= 2
+    assert switch["quick"] and switch["reading"] and len(switch["results"]["64"]["dense"]["val_loss_curve"]["steps"]) >= 2
+    for name in ("reproduce_switch_vs_dense", "reproduce_balancing", "reproduce_scaling",
+                 "reproduce_retnet_vs_transformer", "bench_speculative"):
+        assert payloads[f"{name}_quick"]["verdict"]["status"] in VERDICTS, name
     assert "| not run |" not in page and "(quick pass only)" in page  # every reproduction ran, in its quick form
 
 
@@ -81,6 +88,17 @@ def test_power_law_fit_recovers_known_curve():
     fit = fit_power_law(ns, [1.5 + 40.0 * n ** -0.35 for n in ns])
     assert fit["alpha"] == pytest.approx(0.35, abs=0.006)
     assert predict(fit, 1e7) == pytest.approx(1.5 + 40.0 * 1e7 ** -0.35, rel=1e-3)
+
+
+def test_seed_bands_and_verdicts():
+    a, b = band([1.0, 2.0, 3.0]), band([3.5, 4.0, 5.0])
+    assert (a["mean"], a["min"], a["max"]) == (2.0, 1.0, 3.0)
+    assert order(a, b) == "below" and order(b, a) == "above" and order(a, band([2.9, 4.0])) == "overlap"
+    curves = curve_band([[(1, 1.0), (2, 2.0)], [(1, 3.0), (2, 4.0), (3, 9.0)]])
+    assert curves == {"steps": [1, 2], "mean": [2.0, 3.0], "min": [1.0, 2.0], "max": [3.0, 4.0]}
+    assert value_at([(0, 1.0), (10, 2.0)], 5) == pytest.approx(1.5) and value_at([(0, 1.0), (10, 2.0)], 20) == 2.0
+    with pytest.raises(ValueError, match="allowed"):
+        verdict("probably", "a reason")
 
 
 def test_steps_to_reach_interpolates():

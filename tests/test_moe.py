@@ -15,9 +15,10 @@ import zoo
 from zoo.blocks.auxiliary import AuxCollector
 from zoo.blocks.dispatch import LocalDispatcher
 from zoo.blocks.experts import Sorted, naive_experts, pad_groups, sort_by_expert
-from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE
+from zoo.blocks.moe import MoEConfig, SwitchConfig, Switch, TopKMoE, router_entropy
 from zoo.blocks.router import (Router, max_violation, router_z_loss, sequence_aux_loss,
                                switch_aux_loss)
+from zoo.errors import ConfigError
 from zoo.model import init_weights
 from zoo.registry import BlockContext
 
@@ -342,16 +343,42 @@ def test_switch_capacity_drops_the_overflow_at_training_only():
     torch.testing.assert_close(full, probs[:, None] * (F.silu(gate) * up) @ down.T, rtol=1e-5, atol=1e-6)
 
 
-def test_switch_experts_start_at_the_reduced_init_scale():
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_switch_experts_start_at_the_reduced_init_scale(scale):
     """Fedus et al. 2021 §2.4: the init scale s (a variance, std = sqrt(s / fan_in)) is reduced from 1.0
-    to 0.1, so the experts' std is sqrt(0.1) of the usual one (DESIGN §8); the router's is unchanged."""
-    switch = init_weights(Switch(SwitchConfig(n_experts=8, d_hidden=64), CTX))
+    to 0.1, so the experts' std is sqrt(0.1) of the usual one (DESIGN §8); the router's is unchanged.
+    ``expert_init_scale=1.0`` restores the usual std."""
+    options = {} if scale is None else {"expert_init_scale": scale}
+    switch = init_weights(Switch(SwitchConfig(n_experts=8, d_hidden=64, **options), CTX))
     usual = {"gate_up_proj": CTX.init_std, "down_proj": CTX.residual_init_std}
     for name, std in usual.items():
         got = getattr(switch.experts, name).std().item()
-        assert got == pytest.approx(math.sqrt(0.1) * std, rel=0.03), name
+        assert got == pytest.approx(math.sqrt(scale or 0.1) * std, rel=0.03), name
         assert getattr(moe(d_hidden=64).experts, name).std().item() == pytest.approx(std, rel=0.03), name
     assert switch.router.weight.std().item() == pytest.approx(CTX.init_std, rel=0.1)
+
+
+def test_switch_expert_init_scale_must_be_positive():
+    with pytest.raises(ConfigError, match="expert_init_scale"):
+        zoo.load_config("switch-tiny", ["model.ffn.expert_init_scale=0"])
+
+
+def test_router_entropy_metric_is_the_mean_entropy_of_the_normalised_scores():
+    """``router_entropy`` (training only) against a float64 reference: log E for uniform scores, 0 for one-hot,
+    and the mean of -sum p log p for random sigmoid scores (normalised per token)."""
+    E = 4
+    assert router_entropy(torch.full((3, E), 0.25, dtype=torch.float64)).item() == pytest.approx(math.log(E))
+    assert router_entropy(torch.eye(E, dtype=torch.float64)).item() == pytest.approx(0.0, abs=1e-12)
+    scores = torch.rand(5, E, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = scores / scores.sum(-1, keepdim=True)
+    assert router_entropy(scores).item() == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-12)
+    layer = init_weights(Switch(SwitchConfig(n_experts=E, d_hidden=16), CTX))
+    x = torch.randn(2, 6, CTX.d_model)
+    for training in (False, True):
+        aux = AuxCollector()
+        layer.train(training)(x, aux)
+        assert ("router_entropy" in aux.metrics) == training
+    assert 0 < aux.metrics["router_entropy"][0].item() <= math.log(E) + 1e-6
 
 
 # --------------------------------------------------------------------------- model level

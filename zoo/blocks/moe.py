@@ -81,6 +81,11 @@ class MoEConfig:
         return self.d_hidden or 64 * -(-8 * d_model // (3 * 64 * self.top_k))
 
 
+# Fedus et al. 2021 §2.4: "we reduce the default Transformer initialization scale s = 1.0 by a factor of 10",
+# s being the variance scale of the truncated-normal init (std sqrt(s / fan_in)).
+SWITCH_EXPERT_INIT_SCALE = 0.1
+
+
 @dataclass
 class SwitchConfig:
     n_experts: int = 8
@@ -89,11 +94,12 @@ class SwitchConfig:
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.0
     jitter_noise: float = 0.0
+    expert_init_scale: float = SWITCH_EXPERT_INIT_SCALE  # variance scale s of the experts' init (§2.4)
     dispatch: Dispatch = "auto"
     freeze_router: bool = False  # fine-tuning: router weight without gradient
 
     def validate(self, model) -> None:
-        require_positive(self, "n_experts", "d_hidden", "capacity_factor")
+        require_positive(self, "n_experts", "d_hidden", "capacity_factor", "expert_init_scale")
         for name in ("aux_loss_weight", "z_loss_weight", "jitter_noise"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -107,7 +113,7 @@ class MoE(nn.Module):
     (Switch) limits each expert to ``ceil(capacity_factor * B T k / E)`` tokens at training only.
     ``expert_init_scale`` multiplies the variance of the routed experts' initial weights (Switch's
     reduced scale ``s``). Reports ``aux.add_router_stats`` (tokens routed to each expert, before any
-    drop) and the weighted balancing losses while training.
+    drop), and while training the weighted balancing losses and the metric ``router_entropy``.
 
     While training, the routed counts go to the router's loss-free balancing load once per forward
     pass: only when ``aux`` records them, so a recomputation of this layer (activation checkpointing
@@ -171,6 +177,7 @@ class MoE(nn.Module):
             aux.add_metric("dropped_fraction", dropped)
         if not self.training:
             return
+        aux.add_metric("router_entropy", router_entropy(routing.scores))
         if config.aux_loss_weight:
             aux.add_loss("aux_loss", config.aux_loss_weight * switch_aux_loss(routing.scores, routing.indices, E))
         if config.seq_aux_loss_weight:
@@ -183,6 +190,13 @@ class MoE(nn.Module):
         """What one token uses: the router, its ``top_k`` routed experts and the shared experts."""
         shared = sum(p.numel() for m in (self.shared, self.shared_gate) if m is not None for p in m.parameters())
         return self.router.weight.numel() + self.config.top_k * self.experts.params_per_expert() + shared
+
+
+def router_entropy(scores: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy (nats) of ``scores (N, E)`` normalised to sum to one per token: log E
+    when a router spreads every token evenly, 0 when it is certain (a routing diagnostic, not a loss)."""
+    p = scores / scores.sum(-1, keepdim=True)
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1).mean()
 
 
 @register("ffn", "moe", config=MoEConfig)
@@ -200,11 +214,6 @@ class TopKMoE(MoE):
     """
 
 
-# Fedus et al. 2021 §2.4: "we reduce the default Transformer initialization scale s = 1.0 by a factor of 10",
-# s being the variance scale of the truncated-normal init (std sqrt(s / fan_in)).
-SWITCH_EXPERT_INIT_SCALE = 0.1
-
-
 @register("ffn", "switch", config=SwitchConfig)
 class Switch(MoE):
     """Switch Transformer FFN (Fedus et al. 2021, "Switch Transformers"): top-1 routing with expert capacity.
@@ -213,8 +222,8 @@ class Switch(MoE):
     expert's ``p_i(x) E_i(x)`` (Eq. 2 with one expert, the gate not renormalised). At training each expert
     takes at most ``ceil(capacity_factor * tokens / n_experts)`` tokens (§2.2, Eq. 3), the earliest first;
     the overflow gets a zero output and passes through the residual. Load-balancing loss
-    ``aux_loss_weight`` times :func:`~zoo.blocks.router.switch_aux_loss`; experts initialised at the reduced scale
-    ``s = 0.1`` (§2.4). ``(B, T, d) -> (B, T, d)``.
+    ``aux_loss_weight`` times :func:`~zoo.blocks.router.switch_aux_loss`; experts initialised at the variance
+    scale ``expert_init_scale`` (default the reduced ``s = 0.1`` of §2.4). ``(B, T, d) -> (B, T, d)``.
     """
 
     def __init__(self, config: SwitchConfig, ctx: BlockContext):
@@ -223,4 +232,4 @@ class Switch(MoE):
                         z_loss_weight=config.z_loss_weight, dispatch=config.dispatch,
                         freeze_router=config.freeze_router)
         super().__init__(moe, ctx, capacity_factor=config.capacity_factor,
-                         expert_init_scale=SWITCH_EXPERT_INIT_SCALE)
+                         expert_init_scale=config.expert_init_scale)
