@@ -40,9 +40,8 @@ class PromptTuningConfig:
 
 
 def validate_init(init: str, init_ids: list[int] | None) -> None:
-    """The ``init``/``init_ids`` pair of a virtual-token adapter (prompt or prefix tuning)."""
-    if init not in ("vocab", "text", "random"):
-        raise ConfigError(f"init must be vocab, text or random, got {init!r}")
+    """The ``init``/``init_ids`` pair of a virtual-token adapter (prompt or prefix tuning); the schema has
+    checked ``init`` against :data:`Init`."""
     if init == "text" and not init_ids:
         raise ConfigError("init: text needs init_ids, the token ids of the text (e.g. tokenizer.encode('Answer:'))")
     if init != "text" and init_ids is not None:
