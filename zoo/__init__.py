@@ -15,7 +15,7 @@ from zoo.factory import build_model, create_model, list_models
 from zoo.model import ModelConfig, ZooModel, ZooOutput
 from zoo.registry import BlockContext, register
 from zoo.registry import available as available_blocks
-from zoo.train import objectives  # noqa: F401  (registers the built-in objectives)
+from zoo.train import finetune, objectives  # noqa: F401  (registers the built-in objectives)
 from zoo.train.config import ZooConfig, load_config
 
 __all__ = [

@@ -3,10 +3,17 @@
 Every tokenizer here has ``vocab_size``, ``eot_id`` (the ``<|endoftext|>`` id that separates
 documents), ``encode``/``encode_batch``/``decode``, and ``to_json()``: a ``tokenizer.json`` that the
 ``tokenizers`` library (and so ``transformers``' fast tokenizers) loads and that encodes as this one does.
+
+Chat template (zoo's, for SFT and DPO): each message is ``<|{role}|>\n{content}<|end|>\n`` with role
+``system``, ``user`` or ``assistant``; a generation prompt is ``<|assistant|>\n``. The four role and end
+markers are special tokens (one id each), added to the vocabulary by :func:`with_chat_tokens`. The template
+travels with a checkpoint as ``chat_template`` (a Jinja string, the form ``transformers``'
+``apply_chat_template`` renders identically) in ``tokenizer_config.json`` beside ``tokenizer.json``.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,8 +24,59 @@ EOT_TOKEN = "<|endoftext|>"
 # End-of-text names used by common tokenizer.json files, tried in order when loading one.
 _EOT_NAMES = (EOT_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 
+CHAT_ROLES = ("system", "user", "assistant")
+END_OF_TURN = "<|end|>"
+CHAT_TOKENS = (*(f"<|{role}|>" for role in CHAT_ROLES), END_OF_TURN)
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] + "
+                 "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+TOKENIZER_CONFIG = "tokenizer_config.json"  # beside tokenizer.json: the chat template, as transformers reads it
 
-class ByteTokenizer:
+
+class ChatTemplate:
+    """``apply_chat_template`` for the tokenizers below: ``chat_template`` (a Jinja string, zoo's
+    :data:`CHAT_TEMPLATE` or one a loaded checkpoint brought) is None until :func:`with_chat_tokens` gives
+    a tokenizer zoo's."""
+
+    chat_template: str | None = None
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> list[int] | str:
+        """``messages`` (``[{"role": ..., "content": ...}]``) rendered by ``chat_template``, with the prompt
+        for an assistant reply appended when ``add_generation_prompt``: token ids, or the text with
+        ``tokenize=False`` (the arguments and defaults of ``transformers``' method of this name)."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template; zoo.tokenizer.with_chat_tokens(tokenizer) "
+                             "adds zoo's (the sft and dpo objectives do)")
+        if self.chat_template == CHAT_TEMPLATE:
+            _check_messages(messages)
+        text = _compiled(self.chat_template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                    eos_token=self.eot_token, bos_token="")
+        return self.encode(text) if tokenize else text
+
+    def tokenizer_config(self) -> str | None:
+        """The ``tokenizer_config.json`` that carries the chat template (None without one)."""
+        if self.chat_template is None:
+            return None
+        return json.dumps({"chat_template": self.chat_template, "eos_token": END_OF_TURN,
+                           "pad_token": self.eot_token, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2)
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    """A Jinja template compiled in a sandbox (templates come with downloaded checkpoints), as transformers does."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
+def _check_messages(messages: Sequence[dict]) -> None:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': one of {', '.join(CHAT_ROLES)}, 'content': str}}, "
+                             f"got {m!r}")
+
+
+class ByteTokenizer(ChatTemplate):
     """UTF-8 bytes as ids 0-255, plus ``<|endoftext|>`` = 256 (vocab 257).
 
     ``to_json()`` writes the same map as a ``tokenizers`` byte-level BPE without merges: it encodes
@@ -51,11 +109,12 @@ class ByteTokenizer:
         return tok.to_str()
 
 
-class HFTokenizer:
+class HFTokenizer(ChatTemplate):
     """A ``tokenizers.Tokenizer`` (BPE trained here, or any ``tokenizer.json``) with its end-of-text id."""
 
-    def __init__(self, tokenizer, source: str = "tokenizer"):
+    def __init__(self, tokenizer, source: str = "tokenizer", chat_template: str | None = None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         ids = [tokenizer.token_to_id(name) for name in _EOT_NAMES]
         found = [i for i in ids if i is not None]
         if not found:
@@ -67,12 +126,17 @@ class HFTokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
+        """The ``tokenizer.json`` at ``path``, with the ``chat_template`` of a ``tokenizer_config.json``
+        beside it (as a checkpoint holds them)."""
         from tokenizers import Tokenizer
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return cls(Tokenizer.from_file(str(path)), source=str(path))
+        config = path.with_name(TOKENIZER_CONFIG)
+        template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+        return cls(Tokenizer.from_file(str(path)), source=str(path),
+                   chat_template=template if isinstance(template, str) else None)
 
     @classmethod
     def from_str(cls, text: str) -> "HFTokenizer":
@@ -91,6 +155,20 @@ class HFTokenizer:
 
     def to_json(self) -> str:
         return self.tokenizer.to_str()
+
+
+def with_chat_tokens(tokenizer) -> HFTokenizer:
+    """``tokenizer`` with zoo's chat markers (:data:`CHAT_TOKENS`) as special tokens and :data:`CHAT_TEMPLATE`.
+
+    Markers it lacks get the next ids, after its vocabulary; a byte tokenizer becomes the equivalent
+    ``tokenizers`` one first. One that has a chat template already is returned as it is."""
+    if tokenizer.chat_template is not None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    inner = Tokenizer.from_str(tokenizer.to_json())
+    inner.add_special_tokens(list(CHAT_TOKENS))
+    return HFTokenizer(inner, source="chat tokenizer", chat_template=CHAT_TEMPLATE)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:

@@ -48,6 +48,7 @@ class MoEConfig:
     z_loss_weight: float = 0.0  # ST-MoE router z-loss, 1e-3 in the paper
     loss_free_bias: bool = False  # DeepSeek-V3 auxiliary-loss-free balancing
     bias_update_rate: float = 1.0e-3  # its gamma
+    freeze_router: bool = False  # fine-tuning: router weight without gradient, loss-free bias not updated
     dispatch: Dispatch = "auto"  # grouped_mm where it supports the dtype, else a per-expert loop
 
     def validate(self, model) -> None:
@@ -89,6 +90,7 @@ class SwitchConfig:
     z_loss_weight: float = 0.0
     jitter_noise: float = 0.0
     dispatch: Dispatch = "auto"
+    freeze_router: bool = False  # fine-tuning: router weight without gradient
 
     def validate(self, model) -> None:
         require_positive(self, "n_experts", "d_hidden", "capacity_factor")
@@ -122,7 +124,7 @@ class MoE(nn.Module):
         self.router = Router(ctx.d_model, config.n_experts, config.top_k, ctx.init_std, config.score_func,
                              config.norm_topk_prob, config.routed_scaling_factor, config.n_group,
                              config.topk_group, config.jitter_noise, config.loss_free_bias,
-                             config.bias_update_rate)
+                             config.bias_update_rate, config.freeze_router)
         self.dispatcher = LocalDispatcher(LocalDispatcherConfig())
         self.experts = Experts(config.n_experts, ctx.d_model, d_hidden, expert_std * ctx.init_std,
                                expert_std * ctx.residual_init_std, config.dispatch)
@@ -218,6 +220,7 @@ class Switch(MoE):
     def __init__(self, config: SwitchConfig, ctx: BlockContext):
         moe = MoEConfig(n_experts=config.n_experts, top_k=1, d_hidden=config.d_hidden, norm_topk_prob=False,
                         jitter_noise=config.jitter_noise, aux_loss_weight=config.aux_loss_weight,
-                        z_loss_weight=config.z_loss_weight, dispatch=config.dispatch)
+                        z_loss_weight=config.z_loss_weight, dispatch=config.dispatch,
+                        freeze_router=config.freeze_router)
         super().__init__(moe, ctx, capacity_factor=config.capacity_factor,
                          expert_init_scale=SWITCH_EXPERT_INIT_SCALE)

@@ -52,14 +52,17 @@ class Router(nn.Module):
     ``norm_topk_prob`` divides the chosen weights by their sum (+1e-20), then ``routed_scaling_factor``
     multiplies them. ``jitter_noise`` multiplies the router input by ``U(1 - eps, 1 + eps)`` at
     training (Switch §2.4). ``loss_free_bias`` adds the balancing bias ``expert_bias`` updated with
-    rate ``bias_update_rate`` (gamma) in :meth:`on_optimizer_step`.
+    rate ``bias_update_rate`` (gamma) in :meth:`on_optimizer_step`. ``frozen`` (fine-tuning with
+    ``freeze_router``) keeps both as they are: the weight gets no gradient and the bias never moves.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, init_std: float,
                  score_func: ScoreFunc = "softmax", norm_topk_prob: bool = True,
                  routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1,
-                 jitter_noise: float = 0.0, loss_free_bias: bool = False, bias_update_rate: float = 1e-3):
+                 jitter_noise: float = 0.0, loss_free_bias: bool = False, bias_update_rate: float = 1e-3,
+                 frozen: bool = False):
         super().__init__()
+        self.frozen = frozen
         self.n_experts, self.top_k = n_experts, top_k
         self.score_func, self.norm_topk_prob = score_func, norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
@@ -67,7 +70,7 @@ class Router(nn.Module):
         self.jitter_noise = jitter_noise
         self.bias_update_rate = bias_update_rate
         self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model), requires_grad=not frozen)
         if loss_free_bias:
             self.register_buffer("expert_bias", torch.empty(n_experts, dtype=torch.float32))
             self.register_buffer("expert_load", torch.empty(n_experts, dtype=torch.float32), persistent=False)
@@ -117,6 +120,9 @@ class Router(nn.Module):
     def on_optimizer_step(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Loss-free balancing update from the loads counted since the last step (then reset)."""
         if self.expert_bias is None:
+            return
+        if self.frozen:
+            self.expert_load.zero_()
             return
         load = all_reduce(self.expert_load.clone())
         if load.sum() > 0:

@@ -2,7 +2,8 @@
 and ``hub``, typed and validated before any tensor exists (:mod:`zoo.schema` does the typing).
 
 Presets are the YAML files of ``zoo_configs/``; :func:`load_config` reads a preset name, a YAML/JSON path or
-a mapping, with dotted overrides (``model.n_layers=2``, ``train.optimizer.lr=1e-3``) applied before typing.
+a mapping, with dotted overrides (``model.n_layers=2``, ``train.optimizer.lr=1e-3``) applied before typing;
+with ``train.init_from`` its ``model`` keys override the checkpoint's (:mod:`zoo.train.init_from`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import yaml
 
 from zoo.errors import ConfigError, prefixed, require_positive
 from zoo.model.config import ModelConfig, complete_layer_overrides, validate_model
 from zoo.schema import BlockSpec, apply_overrides, block_field, deep_copy, to_plain, typed
+from zoo.train.init_from import resolve_init_from
 
 
 # --------------------------------------------------------------------------- schema
@@ -26,6 +28,8 @@ from zoo.schema import BlockSpec, apply_overrides, block_field, deep_copy, to_pl
 
 @dataclass
 class DataConfig:
+    format: Literal["text", "chat", "preference"] = "text"  # text: corpus windows; chat/preference: records
+    path: str | None = None  # chat/preference: a JSONL file; None: the embedded stdlib set (zoo.train.chat_data)
     corpus: str = "python-stdlib"  # embedded corpus name, a text file, a folder or a glob
     tokenizer: str = "bytes"  # bytes | bpe | path to a tokenizer.json
     seq_len: int = 256
@@ -86,6 +90,7 @@ class TrainConfig:
     #                                where the hardware has native bf16, else 32-true (zoo.train.precision)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     objective: BlockSpec = block_field("objective", "causal_lm")  # what a training step optimises
+    init_from: str | None = None  # a checkpoint to start from: a path or hf-hub:ORG/NAME[@REV] (zoo.train.init_from)
 
 
 @dataclass
@@ -187,7 +192,7 @@ def load_config(name_or_path: str | Path | Mapping | ZooConfig,
     apply_overrides(raw, overrides)
     if name is not None and raw.get("name") is None:
         raw["name"] = name
-    return ZooConfig.from_dict(raw)
+    return ZooConfig.from_dict(resolve_init_from(raw))
 
 
 def _read_raw(source) -> tuple[dict, str | None]:
@@ -235,6 +240,11 @@ def _validate_train(train: TrainConfig) -> None:
     if data.tokenizer not in ("bytes", "bpe") and not data.tokenizer.endswith(".json"):
         raise ConfigError(f"train.data.tokenizer: {data.tokenizer!r} is not allowed; use bytes, bpe, or the "
                           "path of a tokenizer.json file")
+    if data.format == "text" and data.path is not None:
+        raise ConfigError(f"train.data.path={data.path!r} is for train.data.format chat or preference (a JSONL "
+                          "file); format text reads train.data.corpus")
+    if data.path is not None and not Path(data.path).expanduser().is_file():
+        raise ConfigError(f"train.data.path: {data.path!r} is not an existing JSONL file")
     if data.bpe_vocab_size <= 257:
         raise ConfigError(f"train.data.bpe_vocab_size must exceed 257 (the 256 byte symbols and "
                           f"<|endoftext|>, plus at least one merge), got {data.bpe_vocab_size}")

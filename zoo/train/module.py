@@ -78,7 +78,9 @@ class ZooLightningModule(L.LightningModule):
     ``train/maxvio`` for MoE models (the step's global batch; each MoE layer's MaxVio over its own
     experts, averaged over layers); after each validation ``val/loss`` (the objective's evaluation loss,
     for ``causal_lm`` the LM cross-entropy over the validation windows), ``val/ppl`` and ``val/maxvio``
-    (loads summed over the validation set).
+    (loads summed over the validation set), and ``val/<name>`` for the objective's ``eval_metrics``
+    (for ``dpo``: the rewards, their margin and accuracy). A batch is whatever the data module gives and the
+    objective reads: a ``(B, T)`` tensor of token windows, or a dict of tensors (chat and preference data).
     """
 
     def __init__(self, config: ZooConfig, model: nn.Module | None = None):
@@ -86,6 +88,8 @@ class ZooLightningModule(L.LightningModule):
         self.config = config
         self.model = model if model is not None else build_model(config.model)
         self.objective = build_objective(config.train.objective)
+        if callable(getattr(self.objective, "prepare", None)):
+            self.objective.prepare(self.model)
         # The modules with an ``on_optimizer_step`` hook (state counted in forward, e.g. MoE loads), found once.
         self._stepping_modules = [m for m in self.model.modules() if callable(getattr(m, "on_optimizer_step", None))]
         self.val_history: list[tuple[int, float]] = []
@@ -114,7 +118,7 @@ class ZooLightningModule(L.LightningModule):
         for module in self._stepping_modules:
             module.on_optimizer_step(all_reduce_sum)
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int):
+    def training_step(self, batch, batch_idx: int):
         # A skipped batch must leave no trace: the hooked modules' buffers (what their forward counted, e.g.
         # the router loads that drive loss-free balancing) are put back as they were before it.
         saved = [(m, {n: b.clone() for n, b in m.named_buffers(recurse=False)}) for m in self._stepping_modules
@@ -228,12 +232,15 @@ class ZooLightningModule(L.LightningModule):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._val_metric_sums: dict[str, torch.Tensor] = {}
         self._val_counts = None
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+    def validation_step(self, batch, batch_idx: int) -> None:
         out = self.objective(self.model, batch)
         self._val_sums += torch.stack([out.eval_loss.detach().double() * out.eval_weight,
                                        torch.tensor(float(out.eval_weight), dtype=torch.float64, device=self.device)])
+        for name, value in out.eval_metrics.items():
+            self._val_metric_sums[name] = self._val_metric_sums.get(name, 0) + value.detach().double() * out.eval_weight
         if out.router_stats:
             self._val_counts = add_counts(self._val_counts, out.router_stats)
 
@@ -241,6 +248,10 @@ class ZooLightningModule(L.LightningModule):
         sums = all_reduce_sum(self._val_sums)
         val_loss = (sums[0] / sums[1]).item()
         metrics = {"val/loss": val_loss, "val/ppl": perplexity(val_loss)}
+        if self._val_metric_sums:
+            names = sorted(self._val_metric_sums)
+            totals = all_reduce_sum(torch.stack([self._val_metric_sums[n] for n in names]))
+            metrics.update({f"val/{n}": (total / sums[1]).item() for n, total in zip(names, totals)})
         if self._val_counts is not None:
             counts = all_reduce_counts(self._val_counts)
             metrics["val/maxvio"] = moe_max_violation(counts)

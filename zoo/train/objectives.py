@@ -23,7 +23,11 @@ class ObjectiveOutput:
     """One step's result. ``loss``: what the optimizer minimises (scalar). ``eval_loss`` (scalar) averaged
     over ``eval_weight`` items: what validation reports as ``val/loss`` (a weighted mean over batches).
     ``metrics``: scalars logged as ``train/<name>``. ``router_stats``: per MoE layer, tokens routed to each
-    expert (for MaxVio). ``tokens``: how many tokens the step processed (for tokens/s)."""
+    expert (for MaxVio). ``tokens``: how many tokens the step processed (for tokens/s). ``eval_metrics``:
+    scalars validation reports as ``val/<name>``, averaged over batches weighted by ``eval_weight``.
+
+    An objective may define ``prepare(model)``, called once with the model before training (the DPO
+    reference is fixed there)."""
 
     loss: torch.Tensor
     eval_loss: torch.Tensor
@@ -31,6 +35,7 @@ class ObjectiveOutput:
     tokens: int
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     router_stats: list[torch.Tensor] = field(default_factory=list)
+    eval_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``train(config)``: a whole training job.
 
-The resolved config as ``out_dir/run_config.yaml``, tokenizer and token caches, the model (``vocab_size``
-following the tokenizer when unset), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices,
+The resolved config as ``out_dir/run_config.yaml``, tokenizer and token caches (or chat/preference records,
+:mod:`zoo.train.chat_data`), the model (``vocab_size`` following the tokenizer when unset; with
+``train.init_from`` the checkpoint's weights, grown by the tokens the run's tokenizer added), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices,
 strategy, ...), resumable checkpoints at ``out_dir/checkpoints/last.ckpt``, then the export to
 ``out_dir/final`` (``save_pretrained`` with ``tokenizer.json`` and ``run_config.yaml``), ``loss.png`` (and
 ``expert_load.png`` for MoE models) and a generated sample. The caller's config is never changed: the
@@ -22,11 +23,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from zoo.adapters import add_adapter
 from zoo.checkpoint.hub import upload_checkpoint
 from zoo.errors import ConfigError
+from zoo.tokenizer import TOKENIZER_CONFIG
 from zoo.train.callbacks import ResumableCSVLogger, RunControl
+from zoo.train.chat_data import ChatDataModule, chat_sample
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
+from zoo.train.init_from import load_initial_model
 from zoo.train.metrics import perplexity
 from zoo.train.module import ZooLightningModule
 from zoo.train.plots import plot_expert_load, plot_losses
@@ -117,9 +122,16 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     out_dir = Path(config.train.out_dir)
     train_cfg = config.train
     L.seed_everything(train_cfg.seed, verbose=False)
-    datamodule = ZooDataModule(config)
+    datamodule = ZooDataModule(config) if train_cfg.data.format == "text" else ChatDataModule(config)
     tokenizer = datamodule.tokenizer
-    if config.model.vocab_size is None:
+    model = None
+    if train_cfg.init_from:  # the checkpoint's weights; rows for tokens the run's tokenizer added (chat markers)
+        model, base_changed = load_initial_model(config.model, train_cfg.init_from, tokenizer.vocab_size)
+        config = replace(config, model=replace(config.model, vocab_size=model.config.vocab_size))
+        if config.model.adapter is not None:  # over a base that is not the checkpoint's: saved to be named
+            base = str(_save_base(model, out_dir / "base", tokenizer).resolve()) if base_changed else train_cfg.init_from
+            add_adapter(model, config.model.adapter, base=base)
+    elif config.model.vocab_size is None:
         config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
     elif config.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
@@ -127,7 +139,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     if not _relaunched():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "run_config.yaml").write_text(config.to_yaml())
-    module = ZooLightningModule(config)
+    module = ZooLightningModule(config, model)
 
     resume_step = _check_resume(resume_path, config, module) if resume_path is not None else None
     loggers = [ResumableCSVLogger(out_dir, keep_until_step=resume_step)]
@@ -149,15 +161,19 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
         return result
     model = module.model.float().cpu().eval()
     data = train_cfg.data
-    model.save_pretrained(out_dir / "final",
-                          extra_files={"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()},
+    extra_files = {"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()}
+    if tokenizer.tokenizer_config() is not None:
+        extra_files[TOKENIZER_CONFIG] = tokenizer.tokenizer_config()
+    model.save_pretrained(out_dir / "final", extra_files=extra_files,
                           training={"name": config.name, "steps": steps, "val_loss": val_loss, "corpus": data.corpus,
                                     "tokenizer": data.tokenizer, "seq_len": data.seq_len})
     if config.hub.push:
         upload_checkpoint(out_dir / "final", config.hub.repo_id, commit_message=f"zoo training run: step {steps}")
     if module.val_expert_load is not None:
         plot_expert_load(module.val_expert_load, out_dir / "expert_load.png")
-    if train_cfg.sample_tokens > 0:
+    if train_cfg.sample_tokens > 0 and isinstance(datamodule, ChatDataModule):
+        result.sample = chat_sample(model, tokenizer, datamodule.prepare()[1], train_cfg.sample_tokens)
+    elif train_cfg.sample_tokens > 0:
         result.sample = generate_sample(model, tokenizer, datamodule.prepare().val, train_cfg.sample_tokens,
                                         train_cfg.seed)
         print(f"--- sample (step {steps}) ---\n{result.sample}\n---")
@@ -165,6 +181,14 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
         print(f"final validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) at step {steps}; "
               f"model in {out_dir / 'final'}")
     return result
+
+
+def _save_base(model, path: Path, tokenizer) -> Path:
+    """Save ``model`` (the base an adapter will train over) with the tokenizer as a checkpoint at ``path``."""
+    if _relaunched():
+        return path
+    extra = {"tokenizer.json": tokenizer.to_json(), TOKENIZER_CONFIG: tokenizer.tokenizer_config()}
+    return model.save_pretrained(path, extra_files={k: v for k, v in extra.items() if v is not None})
 
 
 def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks: list) -> dict:
