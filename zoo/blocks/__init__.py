@@ -7,6 +7,10 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
   :class:`zoo.blocks.state.DecodingState` (a KV cache for attention, a recurrent state for retention):
   ``forward(x, state)`` advances it in place by ``T`` positions, and decoders roll it back with
   ``snapshot()``/``restore()`` (and ``rewind(n)`` where ``can_rewind``), never with anything else.
+  A state may hold positions the mixer never computed, and the mixer treats them as any earlier positions: the
+  prefix-tuning hook (:mod:`zoo.adapters.prefix`) subclasses a mixer so that its ``init_state`` returns a state
+  already holding learned keys/values (KV caches: post-RoPE keys; MLA: latents and rope keys) or a learned
+  recurrent matrix (retention), and its ``forward(x)`` without a state runs ``forward(x, such a state)``.
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.blocks.auxiliary.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.
