@@ -89,7 +89,8 @@ class RunControl(Callback):
 
     def save(self, trainer) -> None:
         """Write ``last.ckpt`` under a temporary name, then rename it; refuse non-finite weights."""
-        finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+        # Frozen parameters (an adapter's base, NF4 ones included: torchao has no isfinite) cannot have changed.
+        finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters() if p.requires_grad)
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise FloatingPointError(f"non-finite weights at step {trainer.global_step}; "
                                      f"{self.last_checkpoint} keeps the last good state")
