@@ -123,6 +123,8 @@ def test_crash_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_e
       "model.layers.1.ffn": {"n_experts": 6}}, "expert_parallel=4 does not divide the n_experts=6"),
     ({"train.parallel.fsdp": True, "train.trainer.strategy": "ddp"}, "train.trainer.strategy must be auto, got 'ddp'"),
     ({"train.parallel.expert_parallel": 0}, "train.parallel: expert_parallel must be positive, got 0"),
+    ({"train.parallel.expert_parallel": 2, "train.trainer.devices": 2, **MOE, "model.fp8.recipe": "rowwise"},
+     "the FP8 experts do not run expert-parallel yet"),
 ])
 def test_parallel_layout_errors_name_the_keys(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -318,6 +318,10 @@ def _validate_parallel(config: ZooConfig) -> None:
         raise ConfigError(f"train.parallel.expert_parallel={ep} does not divide the world size {world} "
                           f"(train.trainer.devices={trainer.devices!r} x train.trainer.num_nodes={trainer.num_nodes}): "
                           f"the (dp, ep) device mesh needs dp x expert_parallel = world size")
+    if ep > 1 and model.fp8.recipe != "none":
+        raise ConfigError(f"train.parallel.expert_parallel={ep} with model.fp8.recipe={model.fp8.recipe!r}: the FP8 "
+                          "experts do not run expert-parallel yet; use expert_parallel=1 or "
+                          "model.fp8.recipe=none")
     specs = [model.layer_blocks(i)[1] for i in range(model.n_layers)]
     if model.mtp is not None:
         specs.append(model.mtp.ffn or model.ffn)
