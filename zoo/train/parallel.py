@@ -11,8 +11,9 @@ data parallelism across them. Lightning builds it with its own dimension names, 
   already hold the contributions of every ep rank's tokens (the all-to-all's backward brings them); they are
   summed over dp and divided by the world size, so that they are the gradient of the mean loss over all
   ranks' tokens, as the other weights' are.
-* **FSDP2** (``fsdp``; Zhao et al. 2023, "PyTorch FSDP", §3, per-parameter sharding of ``fully_shard``): every
-  decoder block, then the root, is sharded over all ranks, expert weights under expert parallelism excepted
+* **FSDP2** (``fsdp``; ``fully_shard``, ZeRO stage 3 of Rajbhandari et al. 2020, §5: parameters, gradients and
+  optimizer state partitioned over the data-parallel ranks): every decoder block, then the root, is sharded over
+  all ranks, expert weights under expert parallelism excepted
   (they are sharded by it). Without ``fsdp`` the non-expert weights stay replicated and their gradients are
   averaged over all ranks.
 * **Gradient clipping** by the global norm over the shards (:meth:`ParallelPlan.clip_grad_norm_`), as
@@ -78,10 +79,10 @@ class ParallelPlan:
         after the last backward): replicated weights averaged over all ranks; expert weights summed over dp
         and divided by the world size. FSDP reduced its own weights in backward."""
         world = dist.get_world_size()
-        _all_reduce_divided([p.grad for p in self.replicated_params if p.grad is not None], None, world)
-        if self.expert_params:
-            grads = [local(p.grad) for p in self.expert_params if p.grad is not None]
-            _all_reduce_divided(grads, self.mesh[DP].get_group() if self.mesh[DP].size() > 1 else False, world)
+        _sum_and_divide([p.grad for p in self.replicated_params if p.grad is not None], dist.group.WORLD, world)
+        dp = self.mesh[DP]
+        _sum_and_divide([local(p.grad) for p in self.expert_params if p.grad is not None],
+                        dp.get_group() if dp.size() > 1 else None, world)
 
     @torch.no_grad()
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
@@ -149,13 +150,13 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _all_reduce_divided(tensors: list[torch.Tensor], group, divisor: int) -> None:
-    """Sum ``tensors`` in place over ``group`` (None: all ranks; False: none) in one collective per dtype, then
-    divide them by ``divisor``."""
+def _sum_and_divide(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, divisor: int) -> None:
+    """Sum ``tensors`` in place over ``group`` (None: this rank alone) in one collective per dtype, then divide
+    them by ``divisor``."""
     for dtype in {t.dtype for t in tensors}:
         same = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in same])
-        if group is not False:
+        if group is not None:
             dist.all_reduce(flat, group=group)
         flat /= divisor
         for tensor, chunk in zip(same, flat.split([t.numel() for t in same])):
