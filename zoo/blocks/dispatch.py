@@ -87,7 +87,7 @@ class AllToAllDispatcher(nn.Module):
         self.group, self._all_to_all = group, all_to_all_single_autograd
 
     def forward(self, x: torch.Tensor, routing: Routing, experts: Experts, capacity: int | None) -> torch.Tensor:
-        group = self.group or dist.group.WORLD
+        group = self.group if self.group is not None else dist.group.WORLD
         ranks, n_experts = dist.get_world_size(group), experts.n_experts
         pairs = sort_by_expert(routing.indices, routing.weights, n_experts, capacity)
         send_counts = pairs.counts.view(ranks, n_experts // ranks)  # (R, E / R): rows for each rank's experts

@@ -107,7 +107,7 @@ class RunControl(Callback):
         try:
             trainer.save_checkpoint(tmp, weights_only=False)  # the strategy uses rank 0's path on every rank
         except OSError as err:
-            written = sum(f.stat().st_size for f in ([tmp] if tmp.is_file() else tmp.glob("*")) if tmp.exists())
+            written = sum(f.stat().st_size for f in (tmp.rglob("*") if tmp.is_dir() else [tmp]) if f.is_file())
             _remove(tmp)
             needed = _tensor_bytes([trainer.lightning_module.state_dict(),
                                     *(optimizer.state_dict() for optimizer in trainer.optimizers)])
