@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo.errors import ConfigError
-from zoo.train.run import train
+from zoo.train.module import ZooLightningModule
+from zoo.train.run import _check_resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -134,3 +135,16 @@ def test_parallel_layout_errors_name_the_keys(overrides, message):
     with pytest.raises(ConfigError) as err:
         zoo.load_config("dense-tiny", {**BASE, **overrides})
     assert message in str(err.value)
+
+
+def test_resume_reads_a_sharded_checkpoint_and_refuses_another_layout(runs, tmp_path):
+    tmp, _ = runs
+    last = tmp / "ep" / "checkpoints" / "last.ckpt"
+    sharded = zoo.load_config("dense-tiny", {**BASE, **JOBS["ep"][1], "model.vocab_size": 257})
+    assert _check_resume(last, sharded, ZooLightningModule(sharded)) == 4  # step and shapes from meta.pt and DCP
+    wider = zoo.load_config(sharded, {"model.ffn.d_hidden": 24})
+    with pytest.raises(ConfigError, match=r"other shapes .*model.ffn.d_hidden: 16 in the checkpoint, 24 now"):
+        _check_resume(last, wider, ZooLightningModule(wider))
+    plain = zoo.load_config(sharded, {"train.parallel.expert_parallel": 1})
+    with pytest.raises(ConfigError, match="is a sharded checkpoint, written with train.parallel"):
+        _check_resume(last, plain, ZooLightningModule(plain))
