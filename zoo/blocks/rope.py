@@ -23,15 +23,21 @@ class RotaryEmbedding(nn.Module):
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cos_sin(self, length: int, device: torch.device, dtype: torch.dtype):
+        if torch.compiler.is_compiling():  # computed inside the graph: a cache filled on the first call would
+            return self._tables_for(length, device, dtype)  # make Dynamo compile the block a second time
         key = (device, dtype)
         cached = self._tables.get(key)
         if cached is None or cached[0].shape[0] < length:
-            length = max(length, 2 * cached[0].shape[0] if cached else 256)
-            inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
-            angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (T, D/2)
-            cached = (angles.cos().to(device, dtype), angles.sin().to(device, dtype))
+            cached = self._tables_for(max(length, 2 * cached[0].shape[0] if cached else 256), device, dtype)
             self._tables[key] = cached
         return cached
+
+    def _tables_for(self, length: int, device: torch.device, dtype: torch.dtype):
+        # Eagerly on the CPU (one libm for every device); in a compiled graph on the device itself.
+        where = device if torch.compiler.is_compiling() else "cpu"
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=where) / self.head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float64, device=where), inv_freq)  # (T, D/2)
+        return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
 
     def forward(self, x: torch.Tensor, offset: int = 0, seq_dim: int = -2) -> torch.Tensor:
         """Rotate ``x (..., D)`` whose positions run along ``seq_dim`` (``(B, H, T, D)`` by default,
@@ -66,6 +72,8 @@ class _Rotate(torch.autograd.Function):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace out= into the halves; Inductor fuses this into one pass
+        return torch.cat((x1 * cos - sign * (x2 * sin), x2 * cos + sign * (x1 * sin)), dim=-1).to(x.dtype)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out1, out2 = out.chunk(2, dim=-1)
     torch.addcmul(x1 * cos, x2, sin, value=-sign, out=out1)

@@ -12,7 +12,7 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import yaml
 
@@ -85,6 +85,9 @@ class TrainConfig:
     precision: str | int = "auto"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS), or auto: bf16-mixed
     #                                where the hardware has native bf16, else 32-true (zoo.train.precision)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # Training-only transformations of each decoder block (zoo.train.block_wrappers); they change no result.
+    activation_checkpointing: Literal["none", "full"] = "none"  # full: recompute each block's activations in backward
+    compile: bool = False  # torch.compile each decoder block
     objective: BlockSpec = block_field("objective", "causal_lm")  # what a training step optimises
 
 

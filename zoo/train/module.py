@@ -22,6 +22,7 @@ from torch import nn
 from zoo import registry
 from zoo.blocks.norm import RMSNorm
 from zoo.model import build_model
+from zoo.train.block_wrappers import wrap_blocks
 from zoo.train.config import OptimizerConfig, ZooConfig
 from zoo.train.metrics import (add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation,
                                perplexity)
@@ -79,12 +80,16 @@ class ZooLightningModule(L.LightningModule):
     experts, averaged over layers); after each validation ``val/loss`` (the objective's evaluation loss,
     for ``causal_lm`` the LM cross-entropy over the validation windows), ``val/ppl`` and ``val/maxvio``
     (loads summed over the validation set).
+
+    The decoder blocks of the model it trains are wrapped for ``train.activation_checkpointing`` and
+    ``train.compile`` (:func:`zoo.train.block_wrappers.wrap_blocks`; state-dict names unchanged).
     """
 
     def __init__(self, config: ZooConfig, model: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.model = model if model is not None else build_model(config.model)
+        wrap_blocks(self.model, config.train.activation_checkpointing, config.train.compile)
         self.objective = build_objective(config.train.objective)
         # The modules with an ``on_optimizer_step`` hook (state counted in forward, e.g. MoE loads), found once.
         self._stepping_modules = [m for m in self.model.modules() if callable(getattr(m, "on_optimizer_step", None))]

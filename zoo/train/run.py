@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from zoo.checkpoint.hub import upload_checkpoint
 from zoo.errors import ConfigError
+from zoo.train.block_wrappers import unwrap_blocks
 from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
@@ -147,7 +148,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     if control.interrupted:
         print(f"resume with: train.out_dir={out_dir} train.resume=true")
         return result
-    model = module.model.float().cpu().eval()
+    model = unwrap_blocks(module.model.float().cpu().eval())  # exported and sampled as a plain model
     data = train_cfg.data
     model.save_pretrained(out_dir / "final",
                           extra_files={"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()},
