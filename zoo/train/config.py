@@ -103,6 +103,9 @@ class TrainConfig:
     #                                where the hardware has native bf16, else 32-true (zoo.train.precision)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # expert parallelism and FSDP2
+    # Training-only transformations of each decoder block (zoo.train.block_wrappers); they change no result.
+    activation_checkpointing: Literal["none", "full"] = "none"  # full: recompute each block's activations in backward
+    compile: bool = False  # torch.compile each decoder block
     objective: BlockSpec = block_field("objective", "causal_lm")  # what a training step optimises
     init_from: str | None = None  # a checkpoint to start from: a path or hf-hub:ORG/NAME[@REV] (zoo.train.init_from)
 

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from zoo import registry
 from zoo.blocks.norm import RMSNorm
 from zoo.model import build_model
+from zoo.train.block_wrappers import wrap_blocks
 from zoo.train.config import OptimizerConfig, ZooConfig
 from zoo.train.metrics import (add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation,
                                perplexity)
@@ -87,12 +88,16 @@ class ZooLightningModule(L.LightningModule):
     (loads summed over the validation set), and ``val/<name>`` for the objective's ``eval_metrics``
     (for ``dpo``: the rewards, their margin and accuracy). A batch is whatever the data module gives and the
     objective reads: a ``(B, T)`` tensor of token windows, or a dict of tensors (chat and preference data).
+
+    The decoder blocks of the model it trains are wrapped for ``train.activation_checkpointing`` and
+    ``train.compile`` (:func:`zoo.train.block_wrappers.wrap_blocks`; state-dict names unchanged).
     """
 
     def __init__(self, config: ZooConfig, model: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.model = model if model is not None else build_model(config.model)
+        wrap_blocks(self.model, config.train.activation_checkpointing, config.train.compile)
         self.objective = build_objective(config.train.objective)
         if callable(getattr(self.objective, "prepare", None)):
             self.objective.prepare(self.model)

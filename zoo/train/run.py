@@ -30,6 +30,7 @@ from zoo.adapters import add_adapter
 from zoo.checkpoint.hub import upload_checkpoint
 from zoo.errors import ConfigError
 from zoo.tokenizer import TOKENIZER_CONFIG
+from zoo.train.block_wrappers import unwrap_blocks
 from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.chat_data import ChatDataModule, chat_sample
 from zoo.train.config import ZooConfig
@@ -171,7 +172,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
         model.load_state_dict(state)
         model = model.float().eval()
     else:
-        model = module.model.float().cpu().eval()
+        model = unwrap_blocks(module.model.float().cpu().eval())  # exported and sampled as a plain model
     data = train_cfg.data
     extra_files = {"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()}
     if tokenizer.tokenizer_config() is not None:
