@@ -1,8 +1,9 @@
 """zoo models inside transformers (``model_type: zoo``, zoo/interop/hf.py): models no transformers family
 represents (retention, a retention/attention/MoE hybrid) load with ``AutoModelForCausalLM``, give zoo's logits,
 generate zoo's greedy tokens with transformers' ``generate`` one new token per step, run in a pipeline, take a
-PEFT LoRA adapter, decode and score left-padded batches as one prompt at a time, and register with transformers only when it is imported (that ``import zoo`` imports no
-transformers is checked by tests/test_init.py's fresh-process test)."""
+PEFT LoRA adapter, decode and score left-padded batches as one prompt at a time, and register with transformers
+only when it is imported (that ``import zoo`` imports no transformers is checked by tests/test_init.py's
+fresh-process test)."""
 
 from __future__ import annotations
 
