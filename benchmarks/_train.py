@@ -72,6 +72,8 @@ def train_run(preset: str, overrides: list[str], budget: dict, out_dir: Path, ev
         f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 50)}", "train.sample_tokens=0",
         f"train.out_dir={out_dir}", f"train.schedule.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
     result = train(config, callbacks)
+    if result.interrupted:  # Ctrl-C or SIGTERM stop the one run gracefully: stop the whole script too
+        raise SystemExit(128 + result.stop_signal)
     model = result.module.model
     metrics = read_metrics(Path(out_dir) / "metrics.csv")
     return {"val_loss": result.val_loss, "val_loss_curve": metrics["val/loss"], "metrics": metrics,
