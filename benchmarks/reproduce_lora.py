@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import alternate, bar_plot, print_table, save, summary, table
-from benchmarks._train import budget
+from benchmarks._train import budget, train_preset
 from zoo.adapters import adapter_state_dict, fold_reparam
 
 LORA = {"type": "lora", "r": 8, "alpha": 16}
@@ -46,16 +46,9 @@ MARGIN = 0.03  # "a small margin": at most 3% above full fine-tuning's held-out 
 PEFT_TARGETS = ["qkv", "out", "gate_up", "down"]  # zoo's nn.Linear names in dense-tiny's blocks
 
 
-def train(preset: str, overrides: dict, out_dir: Path):
-    from zoo.train.config import load_config
-    from zoo.train.run import train as run
-
-    return run(load_config(preset, {**overrides, "train.out_dir": str(out_dir)}))
-
-
 def pretrain(quick: bool, folder: Path) -> Path:
     b = budget(quick)
-    run = train("dense-tiny", {"train.seed": 0, "train.sample_tokens": 0, "train.val_batches": b["val_batches"],
+    run = train_preset("dense-tiny", {"train.seed": 0, "train.sample_tokens": 0, "train.val_batches": b["val_batches"],
                                "model.mixer.backend": "eager", "train.max_steps": b["steps"],
                                "train.batch_size": b["batch_size"], "train.data.seq_len": b["seq_len"],
                                "train.data.corpus": b["corpus"], "train.val_check_interval": b["steps"],
@@ -73,7 +66,7 @@ def finetune(base: Path, adapter, lr: float, seed: int, quick: bool, folder: Pat
     if quick:
         overrides.update({"train.batch_size": 2, "train.data.seq_len": 64, "train.data.val_fraction": 0.25,
                           "train.data.path": data})
-    run = train("sft-tiny", overrides, folder)
+    run = train_preset("sft-tiny", overrides, folder)
     model = run.module.model
     trainable, parameters = model.num_parameters(trainable=True), model.num_parameters()
     if adapter is not None and adapter.get("reparam"):
