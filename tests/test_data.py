@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 
+from zoo.train import corpus
 from zoo.train import data as zdata
 from zoo.errors import ConfigError
 from zoo.train.config import DataConfig
@@ -41,7 +42,7 @@ def test_bytes_round_trip_and_json_equivalent():
 
 
 def test_bpe_deterministic_and_round_trips():
-    docs = zdata.get_corpus("pydoc-topics").load()[:30]
+    docs = corpus.get_corpus("pydoc-topics").load()[:30]
     a, b = train_bpe(docs, 400), train_bpe(docs, 400)
     assert a.to_json() == b.to_json()
     assert a.vocab_size == 400 and a.eot_id is not None
@@ -67,16 +68,16 @@ def test_bpe_cache_hit(monkeypatch):
 def test_token_cache_hit_and_content(monkeypatch):
     cfg = DataConfig(corpus="pydoc-topics", tokenizer="bytes")
     first = zdata.prepare_tokens(cfg)
-    docs = zdata.get_corpus("pydoc-topics").load()
-    train_idx, val_idx = zdata.split_documents(len(docs), cfg.val_fraction, cfg.split_seed)
+    docs = corpus.get_corpus("pydoc-topics").load()
+    train_idx, val_idx = corpus.split_documents(len(docs), cfg.val_fraction, cfg.split_seed)
     expected = b"".join(docs[i].encode() + b"\x00" for i in val_idx)
     val = np.asarray(first.val)
     assert (val == 256).sum() == len(val_idx) and val[-1] == 256
     assert bytes(np.where(val == 256, 0, val).astype(np.uint8)) == expected
     assert len(first.train) == sum(len(docs[i].encode()) + 1 for i in train_idx)
 
-    real = zdata.get_corpus("pydoc-topics")
-    unreadable = zdata.Corpus(real.name, real.fingerprint, lambda: pytest.fail("corpus re-read on a cache hit"))
+    real = corpus.get_corpus("pydoc-topics")
+    unreadable = corpus.Corpus(real.name, real.fingerprint, lambda: pytest.fail("corpus re-read on a cache hit"))
     monkeypatch.setattr(zdata, "get_corpus", lambda spec: unreadable)
     second = zdata.prepare_tokens(cfg)
     assert isinstance(second.train, np.memmap)
@@ -84,13 +85,13 @@ def test_token_cache_hit_and_content(monkeypatch):
 
 
 def test_split_is_deterministic_disjoint_and_complete():
-    train, val = zdata.split_documents(100, 0.1, seed=3)
+    train, val = corpus.split_documents(100, 0.1, seed=3)
     assert len(val) == 10 and set(train).isdisjoint(val) and sorted([*train, *val]) == list(range(100))
-    again = zdata.split_documents(100, 0.1, seed=3)
+    again = corpus.split_documents(100, 0.1, seed=3)
     assert all(np.array_equal(x, y) for x, y in zip((train, val), again))
-    assert not np.array_equal(val, zdata.split_documents(100, 0.1, seed=4)[1])
+    assert not np.array_equal(val, corpus.split_documents(100, 0.1, seed=4)[1])
     with pytest.raises(ConfigError, match="2"):
-        zdata.split_documents(1, 0.1, seed=0)
+        corpus.split_documents(1, 0.1, seed=0)
 
 
 def test_user_corpora(tmp_path):
@@ -100,18 +101,18 @@ def test_user_corpora(tmp_path):
     (folder / "sub" / "b.md").write_text("beta\n")
     (folder / "c.bin").write_bytes(b"\xff\xfe\x00\x81")  # not UTF-8: skipped
     (folder / ".hidden").write_text("secret\n")
-    assert zdata.get_corpus(str(folder)).load() == ["alpha\n", "beta\n"]
-    assert zdata.get_corpus(str(folder / "**" / "*.md")).load() == ["beta\n"]
+    assert corpus.get_corpus(str(folder)).load() == ["alpha\n", "beta\n"]
+    assert corpus.get_corpus(str(folder / "**" / "*.md")).load() == ["beta\n"]
     big = tmp_path / "big.txt"
     big.write_text("".join(f"line {i}\n" for i in range(3000)))
-    pieces = zdata.get_corpus(str(big)).load()
+    pieces = corpus.get_corpus(str(big)).load()
     assert len(pieces) > 3 and "".join(pieces) == big.read_text()
     with pytest.raises(ConfigError, match="python-stdlib"):
-        zdata.get_corpus(str(tmp_path / "missing"))
+        corpus.get_corpus(str(tmp_path / "missing"))
 
 
 def test_stdlib_corpus_excludes_tests():
-    files = zdata._stdlib_files()
+    files = corpus.stdlib_files()
     assert len(files) > 300
     assert not any(p.name.startswith("test_") or "/test/" in str(p) or "/tests/" in str(p) for p in files)
 

@@ -29,9 +29,10 @@ from zoo.errors import CheckpointError, ConfigError
 from zoo.factory import create_model, list_models
 from zoo.interop.export import FAMILIES, FORMATS, export
 from zoo.model import ModelConfig, build_skeleton
+from zoo.model.memory import format_bytes
 from zoo.train.command import main as train_main
 from zoo.train.config import load_config
-from zoo.train.data import EMBEDDED_CORPORA, get_corpus, split_documents
+from zoo.train.corpus import EMBEDDED_CORPORA, get_corpus, split_documents
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], list[tuple[tuple, dict]]]] = {}
 
@@ -123,7 +124,7 @@ def info_command(args) -> int:
     if config.mtp is not None:
         print(f"  mtp: depth {config.mtp.depth}")
     print(f"parameters: {total:,} total, {active:,} active per token")
-    print(f"memory (weights): {_size(total * 4)} float32, {_size(total * 2)} bfloat16")
+    print(f"memory (weights): {format_bytes(total * 4)} float32, {format_bytes(total * 2)} bfloat16")
     return 0
 
 
@@ -292,14 +293,6 @@ def _spec(spec) -> str:
                if getattr(spec.options, f.name) != getattr(defaults, f.name)}
     options = ", ".join(f"{k}={v}" for k, v in changed.items())
     return f"{spec.type}({options})"
-
-
-def _size(n_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n_bytes < 1024 or unit == "TiB":
-            return f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1024
-    return f"{n_bytes:.1f} TiB"
 
 
 if __name__ == "__main__":

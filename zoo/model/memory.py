@@ -53,8 +53,8 @@ def check_fits(config: ModelConfig, device: torch.device | None = None, dtype: t
     embedding = vocab * config.d_model * (1 if config.tie_embeddings else 2) * itemsize
     if embedding > available:
         key = "model.vocab_size" if vocab > config.d_model else "model.d_model"
-        raise ConfigError(f"{key}: the embedding and output head alone need {_size(embedding)} of parameters, but "
-                          f"the {device.type} device has {_size(available)} of memory; reduce {key}")
+        raise ConfigError(f"{key}: the embedding and output head alone need {format_bytes(embedding)} of parameters, but "
+                          f"the {device.type} device has {format_bytes(available)} of memory; reduce {key}")
     # Layers without a per-layer override all share the default blocks: one meta build counts them all.
     indices = sorted(set(config.layers) | {next((i for i in range(config.n_layers) if i not in config.layers), 0)})
     total = embedding
@@ -62,18 +62,19 @@ def check_fits(config: ModelConfig, device: torch.device | None = None, dtype: t
         mixer, ffn = config.layer_blocks(index)
         layer = _layer_parameters(config, index) * itemsize
         if layer > available:
-            raise ConfigError(f"{width}: one layer ({mixer.type} + {ffn.type}) needs {_size(layer)} of parameters, "
-                              f"but the {device.type} device has {_size(available)}; reduce model.d_model or the "
+            raise ConfigError(f"{width}: one layer ({mixer.type} + {ffn.type}) needs {format_bytes(layer)} of parameters, "
+                              f"but the {device.type} device has {format_bytes(available)}; reduce model.d_model or the "
                               "blocks' widths")
         total += layer * (1 if index in config.layers else config.n_layers - len(config.layers))
     if total > available:
-        raise ConfigError(f"model.n_layers={config.n_layers}: the model's parameters need {_size(total)}, but the "
-                          f"{device.type} device has {_size(available)} of memory; reduce model.n_layers")
+        raise ConfigError(f"model.n_layers={config.n_layers}: the model's parameters need {format_bytes(total)}, but the "
+                          f"{device.type} device has {format_bytes(available)} of memory; reduce model.n_layers")
 
 
-def _size(n_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n_bytes < 1024 or unit == "TB":
+def format_bytes(n_bytes: float) -> str:
+    """``n_bytes`` in binary units, one decimal: ``"1.5 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n_bytes) < 1024:
             return f"{n_bytes:.1f} {unit}"
         n_bytes /= 1024
-    return f"{n_bytes:.1f} TB"
+    return f"{n_bytes:.1f} TiB"

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.errors import ConfigError
 from zoo.tokenizer import END_OF_TURN, with_chat_tokens
 from zoo.train import instructions
-from zoo.train.data import TrainBatchSampler, ValBatchSampler, build_tokenizer, split_documents
+from zoo.train.corpus import split_documents
+from zoo.train.data import TrainBatchSampler, ValBatchSampler, build_tokenizer, topology
 
 IGNORE = -100  # the label of positions that are not scored
 _ROLES = ("system", "user", "assistant")
@@ -185,12 +186,6 @@ class ChatDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.prepare()
 
-    def _topology(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1, 0
-        return trainer.global_rank, trainer.world_size, trainer.global_step * trainer.accumulate_grad_batches
-
     def _loader(self, dataset: EncodedRecords, sampler) -> DataLoader:
         data = self.config.train.data
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=data.num_workers,
@@ -198,12 +193,12 @@ class ChatDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train, (records, _) = self.config.train, self.prepare()
-        rank, world, start = self._topology()
+        rank, world, start = topology(self.trainer)
         return self._loader(records, TrainBatchSampler(len(records), train.batch_size, train.seed, rank, world, start))
 
     def val_dataloader(self) -> DataLoader:
         train, (_, records) = self.config.train, self.prepare()
-        rank, world, _ = self._topology()
+        rank, world, _ = topology(self.trainer)
         return self._loader(records, ValBatchSampler(len(records), train.batch_size, train.val_batches, rank, world))
 
 

@@ -1,4 +1,5 @@
-"""Training data: corpora, tokenizers, token caches and the LightningDataModule.
+"""Training data: tokenizers, token caches and the LightningDataModule, over the corpora of
+:mod:`zoo.train.corpus`.
 
 A corpus is a list of documents: ``python-stdlib`` (the ``.py`` sources of the running interpreter's
 standard library, tests excluded, ~12 MB), ``pydoc-topics`` (``pydoc_data.topics``, ~0.5 MB of English),
@@ -13,16 +14,12 @@ Windows are ``seq_len`` tokens long and overlap by one token, so that with label
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import json
 import os
-import sys
-import sysconfig
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -31,120 +28,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from zoo.errors import ConfigError
 from zoo.train.config import DataConfig
+from zoo.train.corpus import Corpus, atomic_write, cache_dir, cache_key, get_corpus, split_documents
 from zoo.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
 
-EMBEDDED_CORPORA = ("python-stdlib", "pydoc-topics")
 _FORMAT = "zoo-tokens-v1"  # bump when the cache layout or the split changes
-_PIECE_CHARS = 4096  # a single text file is cut at line boundaries into pieces of about this size
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
-
-
-def cache_dir() -> Path:
-    """Where tokenizers and token arrays are cached: ``$ZOO_CACHE`` or ``~/.cache/zoo``."""
-    return Path(os.environ.get("ZOO_CACHE") or Path.home() / ".cache" / "zoo")
-
-
-# --------------------------------------------------------------------------- corpora
-
-
-@dataclass
-class Corpus:
-    """A named list of documents: ``fingerprint`` changes whenever the documents may have changed,
-    without reading them; ``load()`` reads them (in a fixed order)."""
-
-    name: str
-    fingerprint: str
-    load: Callable[[], list[str]]
-
-
-def get_corpus(spec: str) -> Corpus:
-    """The corpus ``spec`` names: an embedded corpus, a text file, a folder or a glob pattern."""
-    if spec == "python-stdlib":
-        files = _stdlib_files()
-        return Corpus(spec, _files_fingerprint(spec, files), lambda: [_read_text(p) for p in files])
-    if spec == "pydoc-topics":
-        return Corpus(spec, f"{spec}:{sys.version}", _pydoc_topics)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return Corpus(spec, _files_fingerprint("file", [path]), lambda: _cut_file(path))
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
-    elif any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
-    else:
-        raise ConfigError(f"train.data.corpus: {spec!r} is neither an embedded corpus "
-                          f"({', '.join(EMBEDDED_CORPORA)}) nor an existing file, folder or glob")
-    if not files:
-        raise ConfigError(f"train.data.corpus: {spec!r} matches no files")
-    return Corpus(spec, _files_fingerprint("files", files), lambda: _read_texts(files))
-
-
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith(("test", "config-")))
-        files += [Path(dirpath, f) for f in sorted(filenames)
-                  if f.endswith(".py") and not f.startswith(("test_", "_sysconfigdata"))]
-    return files
-
-
-def _pydoc_topics() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[key] for key in sorted(topics)]
-
-
-def _files_fingerprint(kind: str, files: list[Path]) -> str:
-    digest = hashlib.sha256(kind.encode())
-    for p in files:
-        st = p.stat()
-        digest.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
-
-
-def _read_texts(files: list[Path]) -> list[str]:
-    """The UTF-8 text files among ``files`` (binary files, which fail to decode, are skipped)."""
-    texts = []
-    for p in files:
-        try:
-            texts.append(p.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError:
-            continue
-    if not texts:
-        raise ConfigError(f"train.data.corpus: none of the {len(files)} files is UTF-8 text")
-    return texts
-
-
-def _cut_file(path: Path) -> list[str]:
-    pieces, current, size = [], [], 0
-    for line in _read_text(path).splitlines(keepends=True):
-        current.append(line)
-        size += len(line)
-        if size >= _PIECE_CHARS:
-            pieces.append("".join(current))
-            current, size = [], 0
-    if current:
-        pieces.append("".join(current))
-    return pieces
-
-
-def split_documents(n_documents: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Document indices ``(train, val)``: a seeded permutation, its first ``round(val_fraction * n)``
-    (at least one) documents for validation, each part back in corpus order."""
-    if n_documents < 2:
-        raise ConfigError(f"train.data.corpus has {n_documents} document(s); a train/validation split needs 2")
-    order = np.random.default_rng(seed).permutation(n_documents)
-    n_val = min(n_documents - 1, max(1, round(val_fraction * n_documents)))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 # --------------------------------------------------------------------------- tokenizers and caches
@@ -162,7 +49,7 @@ def build_tokenizer(data: DataConfig, corpus: Corpus | None = None, documents: l
         documents = documents if documents is not None else corpus.load()
         train_idx, _ = split_documents(len(documents), data.val_fraction, data.split_seed)
         tokenizer = train_bpe((documents[i] for i in train_idx), data.bpe_vocab_size)
-        _atomic_write(path, tokenizer.to_json().encode())
+        atomic_write(path, tokenizer.to_json().encode())
         return tokenizer
     path = Path(data.tokenizer).expanduser()
     if path.suffix != ".json" or not path.is_file():
@@ -175,7 +62,7 @@ def build_tokenizer(data: DataConfig, corpus: Corpus | None = None, documents: l
 
 
 def _bpe_cache_path(data: DataConfig, corpus: Corpus) -> Path:
-    key = _key("bpe", corpus.fingerprint, data.split_seed, data.val_fraction, data.bpe_vocab_size, _tokenizers_version())
+    key = cache_key("bpe", corpus.fingerprint, data.split_seed, data.val_fraction, data.bpe_vocab_size, _tokenizers_version())
     return cache_dir() / "tokenizers" / f"bpe-{data.bpe_vocab_size}-{key}.json"
 
 
@@ -203,7 +90,7 @@ def prepare_tokens(data: DataConfig) -> TokenizedCorpus:
         if not _bpe_cache_path(data, corpus).is_file():
             documents = corpus.load()
     tokenizer = build_tokenizer(data, corpus, documents)
-    key = _key(_FORMAT, corpus.fingerprint, tokenizer_fingerprint(tokenizer), data.split_seed, data.val_fraction)
+    key = cache_key(_FORMAT, corpus.fingerprint, tokenizer_fingerprint(tokenizer), data.split_seed, data.val_fraction)
     folder = cache_dir() / "tokens" / key
     paths = {part: folder / f"{part}.npy" for part in ("train", "val")}
     if not all(p.is_file() for p in paths.values()):
@@ -213,7 +100,7 @@ def prepare_tokens(data: DataConfig) -> TokenizedCorpus:
         for part, idx in (("train", train_idx), ("val", val_idx)):
             stream = _join_documents(tokenizer, [documents[i] for i in idx], dtype)
             _atomic_save_npy(paths[part], stream)
-        _atomic_write(folder / "meta.json", json.dumps({
+        atomic_write(folder / "meta.json", json.dumps({
             "corpus": data.corpus, "tokenizer": data.tokenizer, "vocab_size": tokenizer.vocab_size,
             "split_seed": data.split_seed, "val_fraction": data.val_fraction,
             "documents": {"train": len(train_idx), "val": len(val_idx)}}, indent=2).encode())
@@ -228,21 +115,10 @@ def _join_documents(tokenizer, documents: list[str], dtype) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:20]
-
-
 def _tokenizers_version() -> str:
     import tokenizers
 
     return tokenizers.__version__
-
-
-def _atomic_write(path: Path, content: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
@@ -363,13 +239,6 @@ class ZooDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         self.prepare()
 
-    def _topology(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1, 0
-        micro_batches_done = trainer.global_step * trainer.accumulate_grad_batches
-        return trainer.global_rank, trainer.world_size, micro_batches_done
-
     def _loader(self, tokens: np.ndarray, sampler: Sampler) -> DataLoader:
         data = self.config.train.data
         dataset = PackedWindows(tokens, data.seq_len)
@@ -378,14 +247,22 @@ class ZooDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.config.train
-        rank, world, start = self._topology()
+        rank, world, start = topology(self.trainer)
         windows = PackedWindows(self.prepare().train, train.data.seq_len)
         sampler = TrainBatchSampler(len(windows), train.batch_size, train.seed, rank, world, start)
         return self._loader(self.prepare().train, sampler)
 
     def val_dataloader(self) -> DataLoader:
         train = self.config.train
-        rank, world, _ = self._topology()
+        rank, world, _ = topology(self.trainer)
         windows = PackedWindows(self.prepare().val, train.data.seq_len)
         sampler = ValBatchSampler(len(windows), train.batch_size, train.val_batches, rank, world)
         return self._loader(self.prepare().val, sampler)
+
+
+def topology(trainer) -> tuple[int, int, int]:
+    """``(rank, world size, micro-batches already done)`` of a data module's trainer (``(0, 1, 0)`` without
+    one): the samplers shard batches by rank and resume after the batches a restored run has seen."""
+    if trainer is None:
+        return 0, 1, 0
+    return trainer.global_rank, trainer.world_size, trainer.global_step * trainer.accumulate_grad_batches

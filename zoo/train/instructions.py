@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.train.data import _atomic_write, _files_fingerprint, _key, _stdlib_files, cache_dir
+from zoo.train.corpus import atomic_write, cache_dir, cache_key, files_fingerprint, stdlib_files
 
 EMBEDDED_SET = "python-docs"
 _FORMAT = "zoo-python-docs-v1"  # bump when the records or their choice change
@@ -67,12 +67,12 @@ def build_records(files: list[Path], root: Path) -> dict[str, list[tuple[str, st
 
 def stdlib_modules() -> dict[str, list[tuple[str, str]]]:
     """:func:`build_records` of the whole standard library (the ``python-stdlib`` files), cached."""
-    files = _stdlib_files()
-    path = cache_dir() / "instructions" / f"{_key(_FORMAT, _files_fingerprint('python-docs', files))}.json"
+    files = stdlib_files()
+    path = cache_dir() / "instructions" / f"{cache_key(_FORMAT, files_fingerprint('python-docs', files))}.json"
     if path.is_file():
         return {name: [tuple(e) for e in entries] for name, entries in json.loads(path.read_text()).items()}
     modules = build_records(files, Path(sysconfig.get_paths()["stdlib"]))
-    _atomic_write(path, json.dumps(modules).encode())
+    atomic_write(path, json.dumps(modules).encode())
     return modules
 
 

@@ -37,6 +37,7 @@ from zoo.blocks.experts import Experts
 from zoo.blocks.moe import MoE
 from zoo.errors import ConfigError
 from zoo.model import ModelConfig, build_skeleton
+from zoo.model.memory import format_bytes
 from zoo.model.block import Block
 
 # bytes per element of (parameter, gradient, one AdamW moment, activation) for each Lightning precision
@@ -151,14 +152,6 @@ def parse_bytes(text: str) -> float:
     if not match:
         raise ConfigError(f"--plan-memory: {text!r} is not a size such as 80GB, 24GiB or 512MB")
     return float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 # --------------------------------------------------------------------------- activations
