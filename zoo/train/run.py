@@ -186,6 +186,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     elif train_cfg.sample_tokens > 0:
         result.sample = generate_sample(model, tokenizer, datamodule.prepare().val, train_cfg.sample_tokens,
                                         train_cfg.seed)
+    if result.sample is not None:
         print(f"--- sample (step {steps}) ---\n{result.sample}\n---")
     if val_loss is not None:
         print(f"final validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) at step {steps}; "
