@@ -269,7 +269,7 @@ def test_trainable_tokens_replace_their_rows_train_alone_merge_and_reload(tmp_pa
     merged = model.merge_adapter()
     assert (merged.head.weight is merged.embed.weight) is tied
     torch.testing.assert_close(merged(x).logits, adapted, rtol=0, atol=1e-10)
-    with pytest.raises(zoo.ConfigError, match=r"trainable_tokens: ids \[300\] are not below the model's vocab_size 257"):
+    with pytest.raises(zoo.ConfigError, match=r"trainable_tokens: ids \[300\] are not below .* vocab_size 257"):
         zoo.add_adapter(zoo.from_pretrained(tmp_path / "base"), {"type": "lora", "trainable_tokens": [300]})
 
 

@@ -107,8 +107,8 @@ def stream_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
 def generate_text(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 64,
                   stop: Sequence[str] = (), stream: bool = False, **decoding):
     """The continuation of ``prompt`` (a str) or of each prompt of a list (batched, left-padded), without the
-    prompt, the end-of-text token or the stop (string or token id) that ended it. ``stream=True`` (one prompt) returns an
-    iterator of text pieces instead, which join to the same text."""
+    prompt, the end-of-text token or the stop (string or token id) that ended it. ``stream=True`` (one prompt)
+    returns an iterator of text pieces instead, which join to the same text."""
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
