@@ -24,6 +24,7 @@ REPRODUCTIONS = {
     "reproduce_retnet_vs_transformer": "RetNet vs Transformer at equal parameters (Sun et al. 2023)",
     "bench_speculative": "MTP on vs off, self-speculative decoding (Gloeckle et al. 2024; DeepSeek-V3)",
     "reproduce_scaling": "Predictable scaling L(N) = E + A / N^alpha (Kaplan et al. 2020; Hoffmann et al. 2022)",
+    "reproduce_lora": "LoRA and QLoRA near full fine-tuning with under 1% trained (Hu et al. 2021; Dettmers et al. 2023)",
 }
 
 

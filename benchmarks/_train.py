@@ -53,6 +53,21 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def train_preset(preset: str, overrides, out_dir: Path, callbacks: tuple = ()):
+    """``zoo.train.run.train`` of ``preset`` with ``overrides`` (a list or dict of dotted keys) into ``out_dir``;
+    returns its ``TrainResult``. Ctrl-C or SIGTERM stop a run gracefully and ``train`` returns: here they stop
+    the calling script too (exit 128 + signal), not just the run it was in."""
+    from zoo.train.config import load_config
+    from zoo.train.run import train
+
+    overrides = [*overrides, f"train.out_dir={out_dir}"] if isinstance(overrides, list) else {
+        **overrides, "train.out_dir": str(out_dir)}
+    result = train(load_config(preset, overrides), callbacks)
+    if result.interrupted:
+        raise SystemExit(128 + result.stop_signal)
+    return result
+
+
 def train_run(preset: str, overrides: list[str], budget: dict, out_dir: Path, evals: int = 10, seed: int = 0,
               callbacks: tuple = ()) -> dict:
     """Train ``preset`` with ``overrides`` for ``budget["steps"]`` steps (``train.seed=seed``), validating
@@ -61,17 +76,13 @@ def train_run(preset: str, overrides: list[str], budget: dict, out_dir: Path, ev
     Returns ``val_loss`` (the last validation's LM loss, nats/byte), ``val_loss_curve`` ([(step, loss)]),
     ``metrics`` (every metrics.csv column as [(step, value)]), ``parameters`` and ``active_parameters``.
     """
-    from zoo.train.config import load_config
-    from zoo.train.run import train
-
     steps = budget["steps"]
-    config = load_config(preset, [
+    result = train_preset(preset, [
         *overrides, f"train.max_steps={steps}", f"train.batch_size={budget['batch_size']}",
         f"train.data.seq_len={budget['seq_len']}", f"train.data.corpus={budget['corpus']}",
         f"train.val_batches={budget['val_batches']}", f"train.val_check_interval={max(1, steps // evals)}",
         f"train.checkpoint_every={steps}", f"train.log_every={max(1, steps // 50)}", "train.sample_tokens=0",
-        f"train.out_dir={out_dir}", f"train.schedule.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"])
-    result = train(config, callbacks)
+        f"train.schedule.warmup_steps={max(1, steps // 10)}", f"train.seed={seed}"], out_dir, callbacks)
     model = result.module.model
     metrics = read_metrics(Path(out_dir) / "metrics.csv")
     return {"val_loss": result.val_loss, "val_loss_curve": metrics["val/loss"], "metrics": metrics,

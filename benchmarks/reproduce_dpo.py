@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import plot_path, print_table, save, table
-from benchmarks._train import budget, read_metrics
+from benchmarks._train import budget, read_metrics, train_preset
 
 
 def chat_and_preference_files(folder: Path) -> dict[str, str]:
@@ -39,13 +39,6 @@ def chat_and_preference_files(folder: Path) -> dict[str, str]:
         paths[kind] = str(folder / f"{kind}.jsonl")
         Path(paths[kind]).write_text("".join(json.dumps(r) + "\n" for r in build(modules, sorted(modules))))
     return paths
-
-
-def run(preset: str, overrides: dict, out_dir: Path):
-    from zoo.train.config import load_config
-    from zoo.train.run import train
-
-    return train(load_config(preset, {**overrides, "train.out_dir": str(out_dir)}))
 
 
 def held_out(module, datamodule) -> dict:
@@ -81,7 +74,7 @@ def one_seed(seed: int, quick: bool, folder: Path) -> dict:
     b = budget(quick)
     common = {"train.seed": seed, "train.sample_tokens": 0, "train.val_batches": b["val_batches"],
               "model.mixer.backend": "eager"}
-    pre = run("dense-tiny", {**common, "train.max_steps": b["steps"], "train.batch_size": b["batch_size"],
+    pre = train_preset("dense-tiny", {**common, "train.max_steps": b["steps"], "train.batch_size": b["batch_size"],
                              "train.data.seq_len": b["seq_len"], "train.data.corpus": b["corpus"],
                              "train.val_check_interval": b["steps"], "train.checkpoint_every": b["steps"],
                              "train.schedule.warmup_steps": max(1, b["steps"] // 10)}, folder / "pre")
@@ -91,9 +84,9 @@ def one_seed(seed: int, quick: bool, folder: Path) -> dict:
     files = chat_and_preference_files(folder) if quick else {}
     if quick:
         tuned.update({"train.batch_size": 2, "train.data.seq_len": 64, "train.data.val_fraction": 0.25})
-    sft = run("sft-tiny", {**tuned, "train.init_from": str(pre.out_dir), "train.data.path": files.get("chat")},
+    sft = train_preset("sft-tiny", {**tuned, "train.init_from": str(pre.out_dir), "train.data.path": files.get("chat")},
               folder / "sft")
-    dpo = run("dpo-tiny", {**tuned, "train.init_from": str(sft.out_dir / "final"),
+    dpo = train_preset("dpo-tiny", {**tuned, "train.init_from": str(sft.out_dir / "final"),
                            "train.data.path": files.get("preference")}, folder / "dpo")
     metrics = read_metrics(folder / "dpo" / "metrics.csv")
     data = ChatDataModule(dpo.config)

@@ -70,15 +70,38 @@ def test_layers_import_downward_only_and_without_cycles():
             visit(name, [name])
 
 
-def test_modules_are_small_and_local_imports_few():
+# Every zoo module imported inside a function rather than at the top of its module, and why: an upward reach
+# of a convenience method, or an import deferred so that a command or ``import zoo`` stays fast. Adding one
+# means adding it here with its reason.
+DEFERRED_IMPORTS = [
+    ("zoo.model.decoder.save_pretrained", "ZooModel.save_pretrained reaches up to the checkpoint layer"),
+    ("zoo.model.decoder.push_to_hub", "ZooModel.push_to_hub reaches up to the checkpoint layer"),
+    ("zoo.cli.eval_command", "zoo eval --perplexity: the scoring module, not loaded by the other subcommands"),
+    ("zoo.cli.eval_command", "zoo eval --tasks: lm-eval (seconds to import), only when asked for"),
+    ("zoo.train.command.main", "train.py: Lightning, imported only once a run starts (not for --plan or --print-config)"),
+    ("zoo.interop.registration._register", "transformers' Auto classes: the wrapper imports transformers"),
+]
+
+
+def deferred_imports(name: str, tree: ast.Module) -> list[str]:
+    """``module.function`` for every zoo import inside a function: ``from zoo... import``, ``import zoo...`` and
+    ``importlib.import_module(...)`` (any argument: a name may hold the module's name)."""
+    found = []
+    for fn in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+        for n in ast.walk(fn):
+            zoo_from = isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("zoo"))
+            zoo_import = isinstance(n, ast.Import) and any(a.name.startswith("zoo") for a in n.names)
+            dynamic = (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "import_module")
+            if zoo_from or zoo_import or dynamic:
+                found.append(f"{name}.{fn.name}")
+    return found
+
+
+def test_modules_are_small_and_local_imports_listed():
     lengths = {name: path.read_text().count("\n") for name, path in modules().items()}
     assert max(lengths.values()) <= 450, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
-    local = []
-    for name, path in modules().items():
-        for fn in [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)]:
-            local += [f"{name}.{fn.name}" for n in ast.walk(fn)
-                      if isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").startswith("zoo"))]
-    assert len(local) <= 3, local
+    local = sorted(d for name, path in modules().items() for d in deferred_imports(name, ast.parse(path.read_text())))
+    assert local == sorted(name for name, _ in DEFERRED_IMPORTS), local
 
 
 @dataclass

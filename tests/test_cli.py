@@ -143,6 +143,26 @@ def test_import_a_transformers_checkpoint(capsys, tmp_path):
     assert main(["import", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
 
 
+def test_export_writes_the_family_it_chose(capsys, checkpoint, tmp_path):
+    import transformers
+
+    run, model = checkpoint
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    assert "transformers model_type 'llama'" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("hi").input_ids == [104, 105]
+    assert main(["export", str(run), str(tmp_path / "zoo"), "--format", "zoo"]) == 0
+    assert "model_type 'zoo'" in capsys.readouterr().out
+    assert main(["export", str(run), str(tmp_path / "q"), "--family", "qwen2"]) == 2
+    assert "qwen2 cannot represent model.mixer (attention): qkv_bias=False" in capsys.readouterr().err
+    assert main(["export", str(run), str(tmp_path / "z"), "--family", "llama", "--format", "zoo"]) == 2
+    assert main(["export", "retnet-tyni", str(tmp_path / "r")]) == 2
+    assert "did you mean retnet-tiny" in capsys.readouterr().err
+
+
 def test_push_needs_a_checkpoint(capsys, tmp_path):
     assert main(["push", str(tmp_path), "org/repo"]) == 2
     assert "neither a checkpoint directory" in capsys.readouterr().err

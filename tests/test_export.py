@@ -3,7 +3,8 @@
 transformers -> zoo -> transformers gives the original tensors back bit for bit (tiny random models of each
 family, built as tests/test_import.py builds them) and a config transformers computes the same logits from;
 zoo -> transformers gives zoo's float32 logits within 1e-4 (relative to the largest logit). Models no family
-represents fail with an error naming the config key, block and option."""
+represents fail with an error naming the config key, block and option. Scaled ropes export to the
+``rope_parameters`` they were imported from."""
 
 from __future__ import annotations
 
@@ -15,21 +16,32 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from test_import import FAMILIES, deepseek_with_mtp, hf_model  # noqa: E402
+from test_rope_scaling import CASES as ROPE_CASES  # noqa: E402
+from test_rope_scaling import ORIGINAL, hf_scaled  # noqa: E402
 
 import zoo  # noqa: E402
 from zoo.tokenizer import ByteTokenizer  # noqa: E402
 
 # (preset, model.* overrides, expected family): zoo models whose every option some family represents.
 ATTENTION = {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_theta": 500.0}
+QWEN3_ATTENTION = {**ATTENTION, "head_dim": 16, "qk_norm": True, "qk_norm_scope": "head", "qk_norm_eps": 1e-5}
 SOFTMAX_MOE = {"type": "moe", "n_experts": 4, "top_k": 2, "d_hidden": 24, "score_func": "softmax"}
 NATIVE = {
-    "llama": dict(mixer=ATTENTION, ffn={"type": "mlp", "d_hidden": 48, "bias": True}),
+    "llama": dict(mixer={**ATTENTION, "rope_scaling": {"type": "dynamic", "factor": 2.0,
+                                                       "original_max_position_embeddings": 16}},
+                  ffn={"type": "mlp", "d_hidden": 48, "bias": True}),
     "qwen2": dict(mixer={**ATTENTION, "qkv_bias": True}, ffn={"type": "mlp", "d_hidden": 48}),
     "mixtral": dict(mixer=ATTENTION, ffn={**SOFTMAX_MOE, "aux_loss_weight": 0.01}, tie_embeddings=False),
     "olmoe": dict(mixer={**ATTENTION, "qk_norm": True, "qk_norm_eps": 1e-5}, norm={"type": "rmsnorm", "eps": 1e-5},
                   ffn={**SOFTMAX_MOE, "norm_topk_prob": False}),
     "qwen2_moe": dict(mixer={**ATTENTION, "qkv_bias": True}, layers={1: {"ffn": {"type": "mlp", "d_hidden": 40}}},
                       ffn={**SOFTMAX_MOE, "n_shared_experts": 1, "d_shared_hidden": 32, "shared_expert_gate": True}),
+    "qwen3": dict(mixer={**QWEN3_ATTENTION, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                             "original_max_position_embeddings": 16}},
+                  norm={"type": "rmsnorm", "eps": 1e-5}, ffn={"type": "mlp", "d_hidden": 48}),
+    "qwen3_moe": dict(mixer=QWEN3_ATTENTION, norm={"type": "rmsnorm", "eps": 1e-5}, tie_embeddings=False,
+                      layers={1: {"ffn": {"type": "mlp", "d_hidden": 40}}},
+                      ffn={**SOFTMAX_MOE, "norm_topk_prob": True}),
     "deepseek_v3": dict(mixer={"type": "mla", "n_heads": 4, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
                                "qk_rope_head_dim": 4, "v_head_dim": 8},
                         ffn={"type": "moe", "n_experts": 8, "top_k": 2, "d_hidden": 16, "score_func": "sigmoid",
@@ -55,6 +67,9 @@ def assert_same_logits(expected: torch.Tensor, got: torch.Tensor) -> None:
     assert got.dtype == torch.float32 and rel <= 1e-4, f"relative logit error {rel:.2e}"
 
 
+QWEN_MOE_SETTINGS = ["num_experts", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"]
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_transformers_to_zoo_to_transformers_gives_the_tensors_back(name, tmp_path):
     hf = hf_model(name)
@@ -68,9 +83,36 @@ def test_transformers_to_zoo_to_transformers_gives_the_tensors_back(name, tmp_pa
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == family and config["architectures"] == [type(hf).__name__]
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    settings = ["rope_parameters", "rms_norm_eps", "num_key_value_heads", "intermediate_size"]
+    settings += {"olmoe": ["num_experts", "norm_topk_prob"], "qwen2_moe": QWEN_MOE_SETTINGS,
+                 "qwen3_moe": QWEN_MOE_SETTINGS}.get(family, [])
+    for key in settings:  # the same settings (transformers maps num_experts to the key it holds)
+        assert getattr(again.config, key) == getattr(hf.config, key), key
     ids = torch.randint(0, hf.config.vocab_size, (2, 12))
     with torch.no_grad():
         assert_same_logits(hf(ids).logits, again(ids).logits)
+
+
+# Fields of zoo's scalings that are set by default to transformers' defaults (which a config may leave out).
+TRANSFORMERS_ROPE_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_scaled_rope_round_trips_to_the_same_rope_parameters_and_logits(case, tmp_path):
+    model_type, scaling, options = ROPE_CASES[case]
+    hf = hf_scaled(model_type, scaling, options)
+    hf.save_pretrained(tmp_path / "hf")
+    assert zoo.export(tmp_path / "hf", tmp_path / "out", family=model_type) == model_type
+    original, exported = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("hf", "out"))
+    assert exported["max_position_embeddings"] == original["max_position_embeddings"]  # dynamic's original context
+    rope, rope_back = original["rope_parameters"], exported["rope_parameters"]
+    assert {k: rope_back[k] for k in rope} == rope
+    assert {k: rope_back[k] for k in set(rope_back) - set(rope)} == {
+        k: TRANSFORMERS_ROPE_DEFAULTS[k] for k in set(rope_back) - set(rope)}
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    ids = torch.randint(0, hf.config.vocab_size, (2, 3 * ORIGINAL))  # past the original context
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, again(ids).logits)
 
 
 def test_the_family_is_chosen_automatically_and_mistral_on_request(tmp_path):
@@ -87,7 +129,7 @@ def test_zoo_models_export_to_their_family_with_zoo_logits(family, tmp_path):
     assert zoo.export(model, tmp_path) == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
-    ids = torch.randint(0, 96, (2, 12))
+    ids = torch.randint(0, 96, (2, 40))  # past the scaled ropes' original context of 16
     with torch.no_grad():
         assert_same_logits(model(ids).logits, hf(ids).logits)
     back = zoo.from_pretrained(tmp_path)  # and home again: the same tensors (MTP layers included)

@@ -1,8 +1,9 @@
 """zoo models inside transformers (``model_type: zoo``, zoo/interop/hf.py): models no transformers family
 represents (retention, a retention/attention/MoE hybrid) load with ``AutoModelForCausalLM``, give zoo's logits,
 generate zoo's greedy tokens with transformers' ``generate`` one new token per step, run in a pipeline, take a
-PEFT LoRA adapter, and register with transformers only when it is imported (that ``import zoo`` imports no
-transformers is checked by tests/test_init.py's fresh-process test)."""
+PEFT LoRA adapter, decode and score left-padded batches as one prompt at a time, and register with transformers
+only when it is imported (that ``import zoo`` imports no transformers is checked by tests/test_init.py's
+fresh-process test)."""
 
 from __future__ import annotations
 
@@ -85,14 +86,51 @@ def test_peft_lora_on_the_zoo_linears_trains(exported):
     assert any(float(g.abs().sum()) > 0 for g in grads.values())
 
 
-def test_padding_right_is_accepted_left_is_refused(exported):
+def left_padded(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)``, each ``(B, longest)``, of 1-D ``prompts`` padded on the left."""
+    T = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.full((T - len(p),), pad_id), p]) for p in prompts])
+    mask = torch.stack([torch.cat([torch.zeros(T - len(p), dtype=torch.long), torch.ones_like(p)]) for p in prompts])
+    return ids, mask
+
+
+def test_left_padded_batches_generate_and_score_as_one_by_one(exported):
+    """Prompts of different lengths in one left-padded batch (transformers' batched generate): every row
+    decodes the tokens it decodes alone, and its logits at the real positions are its logits alone."""
+    model, _, hf = exported
+    prompts = [torch.randint(0, 256, (7,)), torch.randint(0, 256, (3,)), torch.randint(0, 256, (5,))]
+    ids, mask = left_padded(prompts)
+    with torch.no_grad():
+        batched = hf.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        logits = hf(input_ids=ids, attention_mask=mask).logits
+        for row, prompt in enumerate(prompts):
+            alone = hf.generate(prompt[None], max_new_tokens=5, do_sample=False)
+            assert torch.equal(batched[row, ids.shape[1]:], alone[0, len(prompt):])
+            assert torch.equal(alone, model.generate(prompt[None], max_new_tokens=5))
+            own = hf(input_ids=prompt[None]).logits[0]
+            torch.testing.assert_close(logits[row, ids.shape[1] - len(prompt):], own, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batched_pipeline_gives_the_one_by_one_texts(exported):
+    _, path, hf = exported
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, padding_side="left")
+    pipe = transformers.pipeline("text-generation", model=hf, tokenizer=tokenizer)
+    prompts = ["hello there", "hi", "zoo"]
+    batched = pipe(prompts, batch_size=3, max_new_tokens=4, do_sample=False)
+    assert [out[0]["generated_text"] for out in batched] == [
+        pipe(p, max_new_tokens=4, do_sample=False)[0]["generated_text"] for p in prompts]
+
+
+def test_right_padding_without_a_cache_is_accepted_other_masks_are_refused(exported):
     _, _, hf = exported
     ids = torch.randint(0, 256, (2, 6))
     right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     with torch.no_grad():
         assert torch.equal(hf(input_ids=ids, attention_mask=right).logits, hf(input_ids=ids).logits)
-        with pytest.raises(ValueError, match="zoo models take no padding mask"):
-            hf(input_ids=ids, attention_mask=right.flip(-1))
+        with pytest.raises(ValueError, match="attention_mask must be left padding"):
+            hf(input_ids=ids, attention_mask=torch.tensor([[1, 1, 0, 0, 1, 1], [1] * 6]))
+        with pytest.raises(ValueError, match="attention_mask must be left padding"):
+            hf.generate(ids, attention_mask=right, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 def test_registration_waits_for_the_first_import(monkeypatch, tmp_path):

@@ -1,6 +1,6 @@
 """The ``zoo`` command: ``zoo list``, ``zoo info MODEL``, ``zoo generate MODEL PROMPT``, ``zoo chat MODEL``,
-``zoo eval MODEL``, ``zoo import SRC OUT_DIR``, ``zoo push RUN_DIR REPO``, ``zoo train ...`` (``zoo COMMAND
---help`` for each).
+``zoo eval MODEL``, ``zoo import SRC OUT_DIR``, ``zoo export MODEL OUT_DIR``, ``zoo push RUN_DIR REPO``,
+``zoo train ...`` (``zoo COMMAND --help`` for each).
 
 MODEL is a preset name (``zoo list``; its Hub weights where it has some), a checkpoint or adapter directory, a
 training run's directory (its ``final/`` export), or ``hf-hub:org/repo``. A command is a function ``(args) -> exit
@@ -28,6 +28,7 @@ from zoo.checkpoint.hub import HUB_PREFIX, upload_checkpoint
 from zoo.checkpoint.pretrained import from_pretrained, read_model_config
 from zoo.errors import CheckpointError, ConfigError
 from zoo.factory import create_model, list_models
+from zoo.interop.export import FAMILIES, FORMATS, export
 from zoo.model import ModelConfig, build_skeleton
 from zoo.train.command import main as train_main
 from zoo.train.config import load_config
@@ -239,6 +240,17 @@ def import_command(args) -> int:
     return 0
 
 
+def export_command(args) -> int:
+    """Write a model as a transformers checkpoint: the transformers family that represents it (chosen
+    automatically, or --family), or zoo's own transformers form (--format zoo; --format auto: a family when one
+    fits, else zoo's form). Prints the model_type written."""
+    if args.family is not None and args.format == "zoo":
+        raise UsageError(f"--family {args.family} is a transformers family: use --format transformers")
+    family = export(load_model(args.model), args.out_dir, format=args.format, family=args.family)
+    print(f"wrote {args.out_dir}: transformers model_type {family!r}")
+    return 0
+
+
 def push_command(args) -> int:
     """Upload a run's final export (or a checkpoint directory) to a Hugging Face Hub repo."""
     directory = checkpoint_dir(args.run_dir)
@@ -276,6 +288,8 @@ add_command("eval", eval_command, MODEL,
             arg("--bootstrap-iters", type=int, default=1000), arg("--output", help="write the results as JSON"))
 add_command("import", import_command, arg("source", metavar="HF_DIR_OR_HUB"), arg("out_dir", metavar="OUT_DIR"),
             arg("--revision"))
+add_command("export", export_command, MODEL, arg("out_dir", metavar="OUT_DIR"),
+            arg("--format", choices=FORMATS, default="transformers"), arg("--family", choices=list(FAMILIES)))
 add_command("push", push_command, arg("run_dir", metavar="RUN_DIR"), arg("repo", metavar="REPO"),
             arg("--private", action="store_true"), arg("--revision"))
 add_command("train", train_command, arg("train_args", nargs=argparse.REMAINDER, metavar="--config PRESET ...",

@@ -89,7 +89,8 @@ def adopt(cls: type, module: nn.Module) -> nn.Module:
     and children themselves, not copies: the base tensors keep their identity and state-dict names."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
+    bookkeeping = set(vars(new)) - {"training"}  # nn.Module's own registries and hooks, set up afresh
+    new.__dict__.update({k: v for k, v in vars(module).items() if k not in bookkeeping})
     for name, p in module._parameters.items():  # a None bias stays registered as None
         new.register_parameter(name, p)
     for name, b in module.named_buffers(recurse=False):

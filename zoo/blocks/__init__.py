@@ -12,6 +12,10 @@ Block contracts (see ``zoo.registry`` for how blocks are registered and built):
   token) and must keep pad positions out of every real position's output, using ``state.real_keys(n)``
   (attention masks pad keys; a recurrent state takes nothing in from a pad), so that each row decodes
   exactly as it would alone. Without a state there is no padding.
+  A state may hold positions the mixer never computed, and the mixer treats them as any earlier positions: the
+  prefix-tuning hook (:mod:`zoo.adapters.prefix`) subclasses a mixer so that its ``init_state`` returns a state
+  already holding learned keys/values (KV caches: post-RoPE keys; MLA: latents and rope keys) or a learned
+  recurrent matrix (retention), and its ``forward(x)`` without a state runs ``forward(x, such a state)``.
 * ``ffn``: ``forward(x, aux) -> y`` position-wise; ``aux`` is the :class:`zoo.blocks.auxiliary.AuxCollector` through
   which a block adds weighted auxiliary losses and routing statistics.
 * ``norm``: ``forward(x) -> y`` over the last dimension ``d_model``.

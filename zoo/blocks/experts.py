@@ -17,6 +17,7 @@ Weights use transformers' packed layout: ``gate_up_proj (E, 2 I, d)`` with the g
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,13 +122,17 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 grad_down.to(ctx.param_dtype), None)
 
 
+_grouped_swiglu_eager = torch.compiler.disable(_GroupedSwiGLU.apply)
+
+
 class Experts(nn.Module):
     """``n_experts`` SwiGLU experts ``d_model -> d_hidden -> d_model`` stored as packed tensors.
 
     ``forward(x (N, d), pairs) -> (N, d)`` float32: ``sum_k weight_k * expert_k(x)`` over each token's
     routed experts (zero for a token routed nowhere, e.g. dropped by capacity). A dispatcher that moves
     the rows itself (:mod:`zoo.blocks.dispatch`) passes them already sorted with identity ``pairs.token``
-    and unit ``pairs.weight``, and gets each row's expert output back.
+    and unit ``pairs.weight``, and gets each row's expert output back. Under expert parallelism the packed
+    weights are DTensors sharded on dim 0 and ``pairs`` count this rank's experts only.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_hidden: int, init_std: float, out_std: float,
@@ -146,6 +151,7 @@ class Experts(nn.Module):
         return (self.gate_up_proj.numel() + self.down_proj.numel()) // self.n_experts
 
     def forward(self, x: torch.Tensor, pairs: Sorted) -> torch.Tensor:
+        gate_up_proj, down_proj = _local(self.gate_up_proj), _local(self.down_proj)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             # _grouped_mm is not on autocast's list: cast as autocast would for a linear layer.
@@ -153,10 +159,11 @@ class Experts(nn.Module):
         if self._use_grouped_mm(dtype):
             if x.device.type == "cpu":
                 pairs = pad_groups(pairs, x.shape[0], CPU_ROW_ALIGN)
-            return _GroupedSwiGLU.apply(x, pairs.token, pairs.weight, pairs.offsets, self.gate_up_proj,
-                                        self.down_proj, dtype)
+            # Dynamo's fake _grouped_mm accepts bfloat16 only: under torch.compile other dtypes run it eagerly.
+            grouped = _GroupedSwiGLU.apply if dtype == torch.bfloat16 else _grouped_swiglu_eager
+            return grouped(x, pairs.token, pairs.weight, pairs.offsets, gate_up_proj, down_proj, dtype)
         rows = x[pairs.token].to(dtype)  # (S, d)
-        y = _loop_experts(rows, self.gate_up_proj.to(dtype), self.down_proj.to(dtype), pairs.counts)
+        y = _loop_experts(rows, gate_up_proj.to(dtype), down_proj.to(dtype), pairs.counts)
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         return out.index_add_(0, pairs.token, y.to(out.dtype) * pairs.weight[:, None].to(out.dtype))
 
@@ -166,6 +173,13 @@ class Experts(nn.Module):
             raise RuntimeError(f"dispatch='grouped_mm' needs torch._grouped_mm with a dtype in "
                                f"{GROUPED_MM_DTYPES}, got {dtype}; use dispatch='auto' or 'loop'")
         return available and self.dispatch != "loop"
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of an expert-parallel (DTensor) weight; a plain weight as it is. (No DTensor exists
+    before ``torch.distributed.tensor`` is imported, which ``import zoo`` leaves to the parallelize step.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return weight.to_local() if dtensor is not None and isinstance(weight, dtensor.DTensor) else weight
 
 
 def _loop_experts(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

@@ -218,13 +218,18 @@ class RotaryEmbedding(nn.Module):
         return base if self.scaling is None else self.scaling.inv_freq(base, self.theta, length)
 
     def _angles(self, start: int, end: int, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = torch.outer(torch.arange(start, end, dtype=torch.float64), self.inv_freq(length))  # (T, D/2)
+        # Eagerly on the CPU (one libm for every device); in a compiled graph on the device itself.
+        where = device if torch.compiler.is_compiling() else "cpu"
+        positions = torch.arange(start, end, dtype=torch.float64, device=where)
+        angles = torch.outer(positions, self.inv_freq(length).to(where))  # (T, D/2)
         return ((angles.cos() * self.attention_factor).to(device, dtype),
                 (angles.sin() * self.attention_factor).to(device, dtype))
 
     def _cos_sin(self, offset: int, T: int, device: torch.device, dtype: torch.dtype):
         end = offset + T
-        if self.scaling is not None and end > self.scaling.fixed_up_to:  # frequencies of this length only
+        # Computed afresh in a compiled graph (a cache filled on the first call would make Dynamo compile the
+        # block a second time), and past a scaling's fixed range (frequencies of this length only).
+        if torch.compiler.is_compiling() or (self.scaling is not None and end > self.scaling.fixed_up_to):
             return self._angles(offset, end, end, device, dtype)
         key = (device, dtype)
         cached = self._tables.get(key)
@@ -275,6 +280,8 @@ class _Rotate(torch.autograd.Function):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace out= into the halves; Inductor fuses this into one pass
+        return torch.cat((x1 * cos - sign * (x2 * sin), x2 * cos + sign * (x1 * sin)), dim=-1).to(x.dtype)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     out1, out2 = out.chunk(2, dim=-1)
     torch.addcmul(x1 * cos, x2, sin, value=-sign, out=out1)

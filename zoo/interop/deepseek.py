@@ -29,7 +29,8 @@ def _problems(layout: Layout) -> list[str]:
         return [f"{where}: needs mixer 'mla'"]
     mla = layout.mixer.options
     problems = option_problems(layout.mixer, {"n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-                                              "qk_rope_head_dim", "v_head_dim", "rope_theta", "norm_eps"}, where)
+                                              "qk_rope_head_dim", "v_head_dim", "rope_theta", "rope_scaling",
+                                              "norm_eps"}, where)
     require(problems, mla.norm_eps == LATENT_NORM_EPS, f"{where}: norm_eps={mla.norm_eps!r} (DeepSeek-V3 fixes the "
                                                        f"latent norms' eps at {LATENT_NORM_EPS})")
     problems += mlp_problems(layout, bias=False)
@@ -71,7 +72,7 @@ def _config(layout: Layout, family: Family) -> dict:
     mla, config = layout.mixer.options, layout.config
     moe = _routed(layout)
     dense = layout.mlp.options.hidden_size(layout.d_model) if layout.mlp is not None else None
-    hf = {**base_config(layout, family), **rope_config(mla.rope_theta), "num_attention_heads": mla.n_heads,
+    hf = {**base_config(layout, family), **rope_config(mla), "num_attention_heads": mla.n_heads,
           "num_key_value_heads": mla.n_heads, "q_lora_rank": mla.q_lora_rank, "kv_lora_rank": mla.kv_lora_rank,
           "qk_nope_head_dim": mla.qk_nope_head_dim, "qk_rope_head_dim": mla.qk_rope_head_dim,
           "v_head_dim": mla.v_head_dim, "rope_interleave": True, "attention_bias": False, "pretraining_tp": 1,

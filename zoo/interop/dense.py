@@ -1,9 +1,10 @@
-"""Export to the dense Llama families: ``llama``, ``qwen2`` and (by name) ``mistral``; the inverse of
+"""Export to the dense Llama families: ``llama``, ``qwen2``, ``qwen3`` and (by name) ``mistral``; the inverse of
 :mod:`zoo.checkpoint.importers.dense`.
 
-All three are zoo's dense decoder: GQA attention with half-layout rope (no permutation) and SwiGLU in every
+All four are zoo's dense decoder: GQA attention with half-layout rope (no permutation) and SwiGLU in every
 layer. ``qkv_bias`` makes a model Qwen2 (Llama's ``attention_bias`` also biases the output projection, which
-zoo has not); ``mlp.bias`` is Llama's ``mlp_bias``. Mistral holds the same tensors as Llama; its export
+zoo has not); a per-head q/k RMSNorm (``qk_norm`` with ``qk_norm_scope: head`` and the model's norm eps)
+makes it Qwen3; ``mlp.bias`` is Llama's ``mlp_bias``. Mistral holds the same tensors as Llama; its export
 writes ``sliding_window: null`` (full attention, which the imported model already equals up to its
 ``max_seq_len``), so it is chosen only when asked for.
 """
@@ -15,9 +16,9 @@ from zoo.interop.layout import Family, Layout, attention_config, attention_probl
 from zoo.interop.mapping import ZooTensors
 
 
-def _problems(qkv_bias: bool, mlp_bias: bool | None):
+def _problems(qkv_bias: bool, qk_norm: str | None, mlp_bias: bool | None):
     def problems(layout: Layout) -> list[str]:
-        found = attention_problems(layout, qkv_bias=qkv_bias, qk_norm=False) + mlp_problems(layout, mlp_bias)
+        found = attention_problems(layout, qkv_bias, qk_norm) + mlp_problems(layout, mlp_bias)
         if layout.moe is not None:
             found.append(f"{layout.describe('moe')}: routed experts (a dense family has none)")
         return found
@@ -32,9 +33,10 @@ def _config(layout: Layout, family: Family) -> dict:
         config.update(mlp_bias=mlp.bias, pretraining_tp=1)
     elif family.name == "mistral":
         config.update(sliding_window=None)
-    else:
+    else:  # the Qwens: full attention in every layer
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=layout.config.n_layers)
-        del config["attention_bias"]
+        if family.name == "qwen2":
+            del config["attention_bias"]
     return config
 
 
@@ -44,16 +46,19 @@ def _tensors(layout: Layout, t: ZooTensors) -> None:
     mapping.embeddings_and_head(t, layout.config.tie_embeddings)
     for i in range(layout.config.n_layers):
         mapping.layer_norms(t, i)
-        mapping.gqa_attention(t, i, attention.qkv_bias, attention.n_heads * head_dim, attention.kv_heads * head_dim)
+        mapping.gqa_attention(t, i, attention.qkv_bias, attention.n_heads * head_dim, attention.kv_heads * head_dim,
+                              attention.qk_norm)
         mapping.swiglu(t, f"blocks.{i}.ffn", f"model.layers.{i}.mlp", mlp.bias)
 
 
-def _family(name: str, architecture: str, qkv_bias: bool, mlp_bias: bool | None, automatic: bool = True) -> Family:
-    family = Family(name, architecture, _problems(qkv_bias, mlp_bias), lambda layout: _config(layout, family),
+def _family(name: str, architecture: str, qkv_bias: bool, mlp_bias: bool | None, qk_norm: str | None = None,
+            automatic: bool = True) -> Family:
+    family = Family(name, architecture, _problems(qkv_bias, qk_norm, mlp_bias), lambda layout: _config(layout, family),
                     _tensors, automatic=automatic)
     return family
 
 
 LLAMA = _family("llama", "LlamaForCausalLM", qkv_bias=False, mlp_bias=None)
 QWEN2 = _family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, mlp_bias=False)
+QWEN3 = _family("qwen3", "Qwen3ForCausalLM", qkv_bias=False, mlp_bias=False, qk_norm="head")
 MISTRAL = _family("mistral", "MistralForCausalLM", qkv_bias=False, mlp_bias=False, automatic=False)

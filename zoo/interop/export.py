@@ -31,17 +31,17 @@ from zoo.checkpoint.hub import resolve_checkpoint
 from zoo.checkpoint.importers import native
 from zoo.checkpoint.pretrained import from_pretrained
 from zoo.errors import ConfigError
-from zoo.interop.dense import LLAMA, MISTRAL, QWEN2
+from zoo.interop.dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from zoo.interop.deepseek import DEEPSEEK_V3
 from zoo.interop.layout import Family, analyze
 from zoo.interop.mapping import ZooTensors
-from zoo.interop.sparse import MIXTRAL, OLMOE, QWEN2_MOE
+from zoo.interop.sparse import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE
 from zoo.model import ZooModel
 from zoo.tokenizer import HFTokenizer
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = {f.name: f for f in (LLAMA, QWEN2, MISTRAL, MIXTRAL, OLMOE, QWEN2_MOE, DEEPSEEK_V3)}
+FAMILIES = {f.name: f for f in (LLAMA, QWEN2, QWEN3, MISTRAL, MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE, DEEPSEEK_V3)}
 AUTOMATIC = [f for f in FAMILIES.values() if f.automatic]  # tried in this order
 FORMATS = ("transformers", "zoo", "auto")
 _WRITTEN = {"generation_config.json", "tokenizer_config.json"}

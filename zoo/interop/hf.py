@@ -12,6 +12,11 @@ returns a ``CausalLMOutputWithPast`` (labels as in transformers: aligned with th
 :class:`ZooCache` is a transformers ``Cache`` holding each layer's zoo
 :class:`~zoo.blocks.state.DecodingState` (KV caches, MLA latents, retention's recurrent state), which each
 forward pass advances, so ``generate`` feeds one new token per step as zoo's own ``generate`` does.
+``attention_mask`` may mark left padding (batches of prompts of different lengths, as transformers' batched
+``generate``, pipelines with ``batch_size`` and lm-eval's ``hf`` model make them): the decoding states are
+told each row's padding (:class:`~zoo.blocks.state.DecodingState`'s ``left_pad``), so every mixer keeps the
+pads out and each row reads and decodes as it would alone. Right padding is accepted where it changes
+nothing (a cache-less pass: causal positions never see later pads).
 
 This module imports transformers; :mod:`zoo.interop.registration` imports it when transformers is imported.
 """
@@ -28,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from zoo.blocks.state import DecodingState
 from zoo.checkpoint.importers import native
 from zoo.model import ModelConfig, ZooModel
+from zoo.model.generation import left_padding
 
 # transformers 5.2x names the decoding cache ``cache``; earlier versions ``past_key_values``.
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -136,11 +142,12 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                       use_cache: bool = True, **kwargs) -> dict:
         """The next forward's inputs: with a cache (made here on the first step, sized for the call's
-        ``max_length``), only the tokens it has not seen."""
+        ``max_length``, holding the prompts' left padding), only the tokens it has not seen."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if use_cache and cache is None:
             capacity = max(self._decode_length, input_ids.shape[1] + 1)
-            cache = ZooCache(self.model.init_states(input_ids.shape[0], capacity))
+            pad = left_padding(attention_mask, input_ids)
+            cache = ZooCache(self.model.init_states(input_ids.shape[0], capacity, left_pad=pad))
         if cache is not None:
             input_ids = input_ids[:, cache.get_seq_length():]
         return {"input_ids": input_ids, "attention_mask": attention_mask, _CACHE: cache, "use_cache": use_cache}
@@ -149,26 +156,40 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, use_cache: bool | None = None, return_dict: bool | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         """``input_ids (B, T)`` -> logits ``(B, T, vocab)``, the loss with ``labels``, and the advanced cache
-        (``cache`` / ``past_key_values``, a :class:`ZooCache`) when one is passed. ``attention_mask`` may only
-        mark right padding of a cache-less pass (causal positions never see later pads); zoo's mixers take
-        no padding mask, so left padding raises."""
+        (``cache`` / ``past_key_values``, a :class:`ZooCache`) when one is passed. ``attention_mask``
+        (0 at pads) may mark left padding (each row then reads as it would alone; with a cache it must be the
+        padding the cache was made with, over the cached and the new positions) or, without a cache, right
+        padding; any other mask raises ValueError."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and not isinstance(cache, ZooCache):
             raise TypeError(f"a zoo model decodes with its own ZooCache, got a {type(cache).__name__}")
-        _check_padding(attention_mask, cache)
         states = cache.states if cache is not None else None
+        if cache is not None and attention_mask is not None:
+            _check_cache_padding(attention_mask, cache, input_ids.shape[1])
+        elif attention_mask is not None and not _right_padded(attention_mask):
+            # left padding without a cache: fresh states that know it, as a prefill would
+            pad = left_padding(attention_mask, input_ids)
+            states = self.model.init_states(input_ids.shape[0], input_ids.shape[1], left_pad=pad)
         out = self.model(input_ids, labels=labels, states=states)
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE: cache})
 
 
-def _check_padding(attention_mask: torch.Tensor | None, cache: ZooCache | None) -> None:
-    if attention_mask is None or bool(attention_mask.all()):
-        return
-    right_padded = bool((attention_mask.cummin(dim=-1).values == attention_mask).all())
-    if cache is None and right_padded:
-        return
-    raise ValueError("zoo models take no padding mask: pass unpadded batches (or right-padded ones without a "
-                     "cache); generate batches of prompts of one length, or one prompt at a time")
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of ``attention_mask`` is ones then zeros (no padding at all included)."""
+    return bool((attention_mask.cummin(dim=-1).values == attention_mask).all())
+
+
+def _check_cache_padding(attention_mask: torch.Tensor, cache: ZooCache, new: int) -> None:
+    """``attention_mask`` must cover the ``cache.length`` cached and ``new`` fed positions and mark the padding
+    the cache's states were made with, and nothing else."""
+    end = cache.length + new
+    expected = cache.states[0].real_keys(end) if cache.states else None
+    if expected is None:  # no padding
+        expected = torch.ones(attention_mask.shape[0], end, dtype=torch.bool, device=attention_mask.device)
+    if attention_mask.shape != expected.shape or not torch.equal(attention_mask.bool(), expected):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must mark the left padding the decoding cache "
+                         f"was made with over its {cache.length} cached and {new} new positions: pad prompts on the "
+                         "left only (a cache cannot take padding in the middle or on the right)")
 
 
 def register() -> None:

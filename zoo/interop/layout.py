@@ -19,7 +19,8 @@ from zoo.model.config import ModelConfig
 from zoo.interop.mapping import ZooTensors
 from zoo.schema import BlockSpec
 
-FAMILY_MIXERS = {"attention": "llama, mistral, qwen2, mixtral, qwen2_moe, olmoe", "mla": "deepseek_v3"}
+FAMILY_MIXERS = {"attention": "llama, mistral, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe",
+                 "mla": "deepseek_v3"}
 # Options of a block that change nothing at inference; an export leaves them out.
 TRAINING_ONLY = {"backend", "dispatch", "jitter_noise", "aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight",
                  "bias_update_rate"}
@@ -149,30 +150,43 @@ def base_config(layout: Layout, family: Family) -> dict:
             "use_cache": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
-def rope_config(theta: float) -> dict:
-    """Unscaled rope, in transformers 5's ``rope_parameters`` and the older top-level ``rope_theta``."""
-    return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta}
+def rope_config(options) -> dict:
+    """The rope of a mixer's ``options`` (``rope_theta``, ``rope_scaling``) in transformers 5's
+    ``rope_parameters`` and the older top-level ``rope_theta``. A scaling's fields are the ``rope_parameters``
+    keys of its ``rope_type`` one to one (unset ones left out, for transformers' defaults), except that
+    ``dynamic`` takes its original context from the top-level ``max_position_embeddings`` (Peng et al.
+    2023, "YaRN", arXiv 2309.00071, §3.3), which is written here in place of the model's ``max_seq_len``."""
+    theta, scaling = options.rope_theta, options.rope_scaling
+    params = {"rope_type": "default" if scaling is None else scaling.type, "rope_theta": theta}
+    config = {"rope_parameters": params, "rope_theta": theta}
+    if scaling is not None:
+        params.update({f.name: getattr(scaling.options, f.name) for f in dataclasses.fields(scaling.options)
+                       if getattr(scaling.options, f.name) is not None})
+        if scaling.type == "dynamic":
+            config["max_position_embeddings"] = params.pop("original_max_position_embeddings")
+    return config
 
 
 def attention_config(layout: Layout) -> dict:
     options = layout.mixer.options
     return {"num_attention_heads": options.n_heads, "num_key_value_heads": options.kv_heads,
-            "head_dim": options.dim_per_head(layout.d_model), "attention_bias": False,
-            **rope_config(options.rope_theta)}
+            "head_dim": options.dim_per_head(layout.d_model), "attention_bias": False, **rope_config(options)}
 
 
-def attention_problems(layout: Layout, qkv_bias: bool | None, qk_norm: bool) -> list[str]:
+def attention_problems(layout: Layout, qkv_bias: bool | None, qk_norm: str | None) -> list[str]:
     """What a GQA-attention family cannot represent of ``layout.mixer``: ``qkv_bias`` the bias it requires
-    (None: either), ``qk_norm`` whether it normalises q and k (OLMoE, with the model's norm eps)."""
+    (None: either); ``qk_norm`` the q/k normalisation it has, with the model's norm eps (``"projection"``:
+    OLMoE's over the whole projections, ``"head"``: Qwen3's per head) or None (none)."""
     where = layout.describe("mixer")
     if layout.mixer.type != "attention":
         return [f"{where}: needs mixer 'attention'"]
     options = layout.mixer.options
-    problems = option_problems(layout.mixer, {"n_heads", "n_kv_heads", "head_dim", "rope_theta", "qkv_bias",
-                                              "qk_norm", "qk_norm_eps"}, where)
+    problems = option_problems(layout.mixer, {"n_heads", "n_kv_heads", "head_dim", "rope_theta", "rope_scaling",
+                                              "qkv_bias", "qk_norm", "qk_norm_scope", "qk_norm_eps"}, where)
     require(problems, qkv_bias is None or options.qkv_bias == qkv_bias, f"{where}: qkv_bias={options.qkv_bias!r}")
-    require(problems, options.qk_norm == qk_norm, f"{where}: qk_norm={options.qk_norm!r}")
-    if qk_norm:
+    require(problems, options.qk_norm == (qk_norm is not None), f"{where}: qk_norm={options.qk_norm!r}")
+    if qk_norm is not None and options.qk_norm:
+        require(problems, options.qk_norm_scope == qk_norm, f"{where}: qk_norm_scope={options.qk_norm_scope!r}")
         eps = layout.config.norm.options.eps
         require(problems, options.qk_norm_eps == eps, f"{where}: qk_norm_eps={options.qk_norm_eps!r} differs from "
                                                       f"model.norm.eps={eps!r}")

@@ -57,12 +57,16 @@ def layer_norms(t: ZooTensors, i: int) -> None:
     t.move(f"blocks.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")
 
 
-def gqa_attention(t: ZooTensors, i: int, bias: bool, q_dim: int, kv_dim: int) -> None:
-    """zoo's fused ``qkv`` (rows q, then k, then v) -> q/k/v projections; ``out`` -> o."""
+def gqa_attention(t: ZooTensors, i: int, bias: bool, q_dim: int, kv_dim: int, qk_norm: bool = False) -> None:
+    """zoo's fused ``qkv`` (rows q, then k, then v) -> q/k/v projections; ``out`` -> o; with ``qk_norm`` the
+    q and k norms (OLMoE's over the projections, Qwen3's per head: the same names)."""
     src, dst = f"blocks.{i}.mixer", f"model.layers.{i}.self_attn"
     for kind in ("weight", "bias") if bias else ("weight",):
         t.split(f"{src}.qkv.{kind}", [f"{dst}.{p}_proj.{kind}" for p in "qkv"], [q_dim, kv_dim, kv_dim])
     t.move(f"{src}.out.weight", f"{dst}.o_proj.weight")
+    if qk_norm:
+        t.move(f"{src}.q_norm.weight", f"{dst}.q_norm.weight")
+        t.move(f"{src}.k_norm.weight", f"{dst}.k_norm.weight")
 
 
 def swiglu(t: ZooTensors, src: str, dst: str, bias: bool = False) -> None:

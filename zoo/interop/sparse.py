@@ -1,13 +1,15 @@
-"""Export to the Mixture-of-Experts Llama families: ``mixtral``, ``olmoe``, ``qwen2_moe``; the inverse of
-:mod:`zoo.checkpoint.importers.sparse`.
+"""Export to the Mixture-of-Experts Llama families: ``mixtral``, ``olmoe``, ``qwen2_moe``, ``qwen3_moe``; the
+inverse of :mod:`zoo.checkpoint.importers.sparse`.
 
 Each represents zoo's ``moe`` FFN with its own fixed routing rule, so the family follows from the options:
 softmax scores over all experts in every family; Mixtral always renormalises the top-k and has no shared
-expert; OLMoE normalises q and k (zoo's ``qk_norm``, with the model's norm eps) and renormalises only with
-``norm_topk_prob``; Qwen2-MoE adds one shared SwiGLU scaled by ``sigmoid(Linear(d -> 1))``
-(``shared_expert_gate``), may bias q, k, v, and keeps dense SwiGLU layers of width ``intermediate_size``
-anywhere (``mlp_only_layers``). None has group-limited routing, a routed scaling factor or a selection bias.
-Experts are written per expert, as transformers' ``save_pretrained`` writes them.
+expert; OLMoE normalises the q and k projections (zoo's ``qk_norm``, with the model's norm eps) and
+renormalises only with ``norm_topk_prob``; Qwen2-MoE adds one shared SwiGLU scaled by ``sigmoid(Linear(d ->
+1))`` (``shared_expert_gate``) and may bias q, k, v; Qwen3-MoE has no shared expert and normalises each head
+of q and k (``qk_norm_scope: head``). Both Qwens keep dense SwiGLU layers of width ``intermediate_size``
+anywhere, written as ``decoder_sparse_step`` and ``mlp_only_layers`` (:func:`sparse_layers`). None has
+group-limited routing, a routed scaling factor or a selection bias. Experts are written per expert, as
+transformers' ``save_pretrained`` writes them.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from zoo.interop.mapping import ZooTensors
 
 _HANDLED = {"n_experts", "top_k", "d_hidden", "score_func", "norm_topk_prob", "routed_scaling_factor", "n_group",
             "topk_group", "n_shared_experts", "d_shared_hidden", "shared_expert_gate", "loss_free_bias"}
+_QWENS = ("qwen2_moe", "qwen3_moe")  # dense layers anywhere
 
 
 def _moe_problems(layout: Layout, family: str) -> list[str]:
     if layout.moe is None:
-        return ["model.ffn: no routed experts (a dense model exports as llama or qwen2)"]
+        return ["model.ffn: no routed experts (a dense model exports as llama, qwen2 or qwen3)"]
     where, moe = layout.describe("moe"), layout.moe.options
     problems = option_problems(layout.moe, _HANDLED, where)
     for ok, option in ((moe.score_func == "softmax", "score_func"), (moe.routed_scaling_factor == 1.0, "routed_scaling_factor"),
@@ -36,15 +39,32 @@ def _moe_problems(layout: Layout, family: str) -> list[str]:
 
 
 def _problems(family: str):
+    qk_norm = {"olmoe": "projection", "qwen3_moe": "head"}.get(family)
+    qkv_bias = None if family == "qwen2_moe" else False
+
     def problems(layout: Layout) -> list[str]:
-        qkv_bias = None if family == "qwen2_moe" else False
-        found = attention_problems(layout, qkv_bias=qkv_bias, qk_norm=family == "olmoe") + _moe_problems(layout, family)
-        if family == "qwen2_moe":
+        found = attention_problems(layout, qkv_bias, qk_norm) + _moe_problems(layout, family)
+        if family in _QWENS:
             return found + mlp_problems(layout, bias=False)
         if layout.mlp is not None:
             found.append(f"{layout.describe('mlp')}: dense layers {layout.dense_layers} ({family} routes every layer)")
         return found
     return problems
+
+
+def sparse_layers(n_layers: int, dense_layers: list[int]) -> dict:
+    """The Qwen MoEs' ``decoder_sparse_step`` and ``mlp_only_layers`` of a model whose ``dense_layers`` are
+    dense (transformers routes layer ``i`` iff ``(i + 1) % step == 0`` and ``i`` is not in ``mlp_only_layers``):
+    the step that leaves the fewest layers to list (the smallest such step on ties), so an imported model's
+    own step comes back."""
+    dense = set(dense_layers)
+
+    def listed(step: int) -> list[int] | None:  # None: the step makes a routed layer dense
+        by_step = {i for i in range(n_layers) if (i + 1) % step}
+        return sorted(dense - by_step) if by_step <= dense else None
+
+    step = min((s for s in range(1, n_layers + 1) if listed(s) is not None), key=lambda s: (len(listed(s)), s))
+    return {"decoder_sparse_step": step, "mlp_only_layers": listed(step)}
 
 
 def _config(layout: Layout, family: Family) -> dict:
@@ -54,17 +74,22 @@ def _config(layout: Layout, family: Family) -> dict:
               "output_router_logits": False}
     if family.name == "mixtral":
         config.update(num_local_experts=moe.n_experts, intermediate_size=d_expert, sliding_window=None)
-    elif family.name == "olmoe":
-        config.update(num_experts=moe.n_experts, intermediate_size=d_expert, norm_topk_prob=moe.norm_topk_prob,
-                      clip_qkv=None)
-    else:
+        return config
+    config.update(num_experts=moe.n_experts, norm_topk_prob=moe.norm_topk_prob)
+    if family.name == "olmoe":
+        config.update(intermediate_size=d_expert, clip_qkv=None)
+        return config
+    # the Qwens; num_experts is the released configs' key, which transformers 5 maps to num_local_experts
+    dense = layout.mlp.options.hidden_size(layout.d_model) if layout.mlp is not None else None
+    config.update(moe_intermediate_size=d_expert, use_sliding_window=False, sliding_window=None,
+                  **sparse_layers(layout.config.n_layers, layout.dense_layers))
+    if family.name == "qwen2_moe":
         d_shared = moe.d_shared_hidden or moe.n_shared_experts * d_expert
-        dense = layout.mlp.options.hidden_size(layout.d_model) if layout.mlp is not None else d_shared
-        config.update(num_experts=moe.n_experts, moe_intermediate_size=d_expert, shared_expert_intermediate_size=d_shared,
-                      norm_topk_prob=moe.norm_topk_prob, qkv_bias=layout.mixer.options.qkv_bias,
-                      intermediate_size=dense, decoder_sparse_step=1, mlp_only_layers=layout.dense_layers,
-                      use_sliding_window=False, sliding_window=None, max_window_layers=layout.config.n_layers)
+        config.update(shared_expert_intermediate_size=d_shared, qkv_bias=layout.mixer.options.qkv_bias,
+                      intermediate_size=dense or d_shared, max_window_layers=layout.config.n_layers)
         del config["attention_bias"]
+    else:
+        config.update(intermediate_size=dense or d_expert)
     return config
 
 
@@ -75,10 +100,8 @@ def _tensors(family: str):
         mapping.embeddings_and_head(t, layout.config.tie_embeddings)
         for i in range(layout.config.n_layers):
             mapping.layer_norms(t, i)
-            mapping.gqa_attention(t, i, attention.qkv_bias, attention.n_heads * head_dim, attention.kv_heads * head_dim)
-            if family == "olmoe":
-                t.move(f"blocks.{i}.mixer.q_norm.weight", f"model.layers.{i}.self_attn.q_norm.weight")
-                t.move(f"blocks.{i}.mixer.k_norm.weight", f"model.layers.{i}.self_attn.k_norm.weight")
+            mapping.gqa_attention(t, i, attention.qkv_bias, attention.n_heads * head_dim, attention.kv_heads * head_dim,
+                                  attention.qk_norm)
             src, dst = f"blocks.{i}.ffn", f"model.layers.{i}.mlp"
             if i in layout.dense_layers:
                 mapping.swiglu(t, src, dst)
@@ -104,3 +127,4 @@ def _family(name: str, architecture: str) -> Family:
 MIXTRAL = _family("mixtral", "MixtralForCausalLM")
 OLMOE = _family("olmoe", "OlmoeForCausalLM")
 QWEN2_MOE = _family("qwen2_moe", "Qwen2MoeForCausalLM")
+QWEN3_MOE = _family("qwen3_moe", "Qwen3MoeForCausalLM")

@@ -75,6 +75,7 @@ class ZooModel(nn.Module):
         self.mtp = MultiTokenPrediction(config) if config.mtp is not None else None
         self.adapter_base = None  # where the frozen base of an adapter came from (zoo.adapters.add_adapter)
         self.tokenizer = None  # what generate_text encodes with; set by from_pretrained from tokenizer.json
+        self.prompt = None  # prompt tuning's virtual tokens (zoo.adapters.prompt.PromptEmbeddings), None without
 
     def tie_weights(self) -> None:
         """Make the output head share the embedding's weight when ``config.tie_embeddings`` is set (again
@@ -89,11 +90,16 @@ class ZooModel(nn.Module):
             nn.init.normal_(self.head.weight, std=self.config.init_std)
 
     def hidden_states(self, input_ids: torch.Tensor, aux: AuxCollector, states=None) -> torch.Tensor:
-        """The final-norm input ``(B, T, d_model)``; ``states`` is a list of per-layer decoding states."""
+        """The final-norm input ``(B, T, d_model)``; ``states`` is a list of per-layer decoding states.
+        ``self.prompt`` (prompt tuning) may prepend virtual tokens to a new sequence's embeddings; their
+        outputs are dropped here, so the result is aligned with ``input_ids``."""
         x = self.embed(input_ids)
+        if self.prompt is not None:
+            x = self.prompt(x, states)
+        n_virtual = x.shape[1] - input_ids.shape[1]
         for i, block in enumerate(self.blocks):
             x = block(x, aux, states[i] if states is not None else None)
-        return x
+        return x[:, n_virtual:]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, states=None,
                 return_logits: bool = True) -> ZooOutput:
@@ -146,6 +152,8 @@ class ZooModel(nn.Module):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else param.dtype
         if param.is_cuda and torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
+        if blocks is None and self.prompt is not None:  # room for prompt tuning's virtual tokens
+            max_len += self.prompt.n_tokens
         blocks = self.blocks if blocks is None else blocks
         states = [block.mixer.init_state(batch_size, max_len, param.device, dtype) for block in blocks]
         for block, state in zip(blocks, states):

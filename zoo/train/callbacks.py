@@ -13,6 +13,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from zoo.checkpoint.files import replace_dir
+from zoo.train.parallel import local
 
 
 class RunControl(Callback):
@@ -88,17 +92,25 @@ class RunControl(Callback):
             trainer.should_stop = True
 
     def save(self, trainer) -> None:
-        """Write ``last.ckpt`` under a temporary name, then rename it; refuse non-finite weights."""
-        finite = all(bool(torch.isfinite(p).all()) for p in trainer.lightning_module.parameters())
+        """Write ``last.ckpt`` under a temporary name, then rename it; refuse non-finite weights. Under a
+        sharding strategy (``train.parallel``) it is a directory, each rank writing its shard, which replaces
+        the previous one in one step once every shard is written (a crash before leaves the previous whole)."""
+        # Frozen parameters (an adapter's base, NF4 ones included: torchao has no isfinite) cannot have changed.
+        finite = all(bool(torch.isfinite(local(p)).all()) for p in trainer.lightning_module.parameters()
+                     if p.requires_grad)
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise FloatingPointError(f"non-finite weights at step {trainer.global_step}; "
                                      f"{self.last_checkpoint} keeps the last good state")
+        sharded = isinstance(trainer.strategy, ModelParallelStrategy)
         tmp = self.checkpoint_dir / f".last.ckpt.tmp-{os.getpid()}"
+        if sharded and trainer.is_global_zero:
+            for stale in self.checkpoint_dir.glob(".last.ckpt.tmp-*"):  # left by a run killed while saving
+                _remove(stale)
         try:
-            trainer.save_checkpoint(tmp, weights_only=False)
+            trainer.save_checkpoint(tmp, weights_only=False)  # the strategy uses rank 0's path on every rank
         except OSError as err:
-            written = tmp.stat().st_size if tmp.exists() else 0
-            tmp.unlink(missing_ok=True)
+            written = sum(f.stat().st_size for f in (tmp.rglob("*") if tmp.is_dir() else [tmp]) if f.is_file())
+            _remove(tmp)
             needed = _tensor_bytes([trainer.lightning_module.state_dict(),
                                     *(optimizer.state_dict() for optimizer in trainer.optimizers)])
             free = shutil.disk_usage(self.checkpoint_dir).free
@@ -108,8 +120,19 @@ class RunControl(Callback):
                                      f"state) and {free:,} are free there{partial}; no partial file is left and "
                                      f"{str(self.last_checkpoint)!r} keeps the previous state") from err
         if trainer.is_global_zero:
-            os.replace(tmp, self.last_checkpoint)
+            if sharded:
+                replace_dir(tmp, self.last_checkpoint)
+            else:
+                os.replace(tmp, self.last_checkpoint)
         trainer.strategy.barrier("zoo-checkpoint")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _tensor_bytes(state) -> int:

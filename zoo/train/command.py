@@ -7,6 +7,7 @@ Examples::
     python train.py --config dense-tiny --print-config
     python train.py --config dense-tiny train.out_dir=runs/a train.resume=true
     python train.py --config dense-tiny train.trainer.devices=2 train.trainer.strategy=ddp
+    python train.py --config deepseek-moe-1b --plan --plan-memory 80GB train.activation_checkpointing=full
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 from zoo.errors import ConfigError
 from zoo.train.config import load_config
+from zoo.train.plan import parse_bytes, plan_from_config
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -27,6 +29,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a preset name (see zoo_configs/) or a YAML/JSON path")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the per-rank memory plan (parameters, gradients, optimizer state, activations) "
+                             "without building the model, and exit")
+    parser.add_argument("--plan-memory", metavar="SIZE", help="with --plan: device memory (e.g. 80GB) to find the "
+                                                               "largest micro-batch for")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.n_layers=2")
     args = parser.parse_args(argv)
 
@@ -34,6 +41,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         config = load_config(args.config, args.overrides)
         if args.print_config:
             print(config.to_yaml(), end="")
+            return 0
+        if args.plan or args.plan_memory:
+            memory = parse_bytes(args.plan_memory) if args.plan_memory else None
+            print(plan_from_config(config).report(memory))
             return 0
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 

@@ -69,6 +69,19 @@ class TrainerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Scale-out beyond data parallelism, under Lightning's ``ModelParallelStrategy``
+    (:mod:`zoo.train.parallel`): selected when ``expert_parallel > 1`` or ``fsdp``."""
+
+    expert_parallel: int = 1  # ranks that split each MoE layer's experts (the ep dimension of the mesh)
+    fsdp: bool = False  # FSDP2 (fully_shard) of the non-expert weights over all ranks
+
+    @property
+    def enabled(self) -> bool:
+        return self.expert_parallel > 1 or self.fsdp
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
@@ -89,6 +102,10 @@ class TrainConfig:
     precision: str | int = "auto"  # a lightning.Trainer precision (LIGHTNING_PRECISIONS), or auto: bf16-mixed
     #                                where the hardware has native bf16, else 32-true (zoo.train.precision)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # expert parallelism and FSDP2
+    # Training-only transformations of each decoder block (zoo.train.block_wrappers); they change no result.
+    activation_checkpointing: Literal["none", "full"] = "none"  # full: recompute each block's activations in backward
+    compile: bool = False  # torch.compile each decoder block
     objective: BlockSpec = block_field("objective", "causal_lm")  # what a training step optimises
     init_from: str | None = None  # a checkpoint to start from: a path or hf-hub:ORG/NAME[@REV] (zoo.train.init_from)
 
@@ -226,6 +243,7 @@ def validate(config: ZooConfig) -> None:
     """Cross-key checks that typing alone cannot make; errors name the conflicting keys."""
     validate_model(config.model)
     _validate_train(config.train)
+    _validate_parallel(config)
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push=true needs hub.repo_id (the Hub repo to push to, e.g. org/name)")
 
@@ -294,6 +312,50 @@ def _validate_trainer(trainer: TrainerConfig) -> None:
         sources = "; ".join(f"{key} is set by {TRAINER_ARGS_SET_BY_ZOO[key]}" for key in collisions)
         raise ConfigError(f"train.trainer.extra: {', '.join(collisions)} repeat lightning.Trainer arguments that "
                           f"zoo already passes ({sources}); remove them from extra")
+
+
+def _validate_parallel(config: ZooConfig) -> None:
+    """``train.parallel``: the (dp, ep) mesh must tile the world size (known here when ``devices`` is a count
+    or a list) and every MoE layer's experts must split evenly over the ``expert_parallel`` ranks."""
+    parallel, trainer, model = config.train.parallel, config.train.trainer, config.model
+    ep = parallel.expert_parallel
+    prefixed("train.parallel", require_positive, parallel, "expert_parallel")
+    if not parallel.enabled:
+        return
+    if trainer.strategy.lower() != "auto":
+        raise ConfigError(f"train.parallel (expert_parallel={ep}, fsdp={parallel.fsdp}) runs under Lightning's "
+                          f"ModelParallelStrategy, which zoo builds itself; train.trainer.strategy must be auto, "
+                          f"got {trainer.strategy!r}")
+    world = world_size(trainer)
+    if world is not None and world % ep:
+        raise ConfigError(f"train.parallel.expert_parallel={ep} does not divide the world size {world} "
+                          f"(train.trainer.devices={trainer.devices!r} x train.trainer.num_nodes={trainer.num_nodes}): "
+                          f"the (dp, ep) device mesh needs dp x expert_parallel = world size")
+    if ep > 1 and model.fp8.recipe != "none":
+        raise ConfigError(f"train.parallel.expert_parallel={ep} with model.fp8.recipe={model.fp8.recipe!r}: the FP8 "
+                          "experts do not run expert-parallel yet; use expert_parallel=1 or "
+                          "model.fp8.recipe=none")
+    specs = [model.layer_blocks(i)[1] for i in range(model.n_layers)]
+    if model.mtp is not None:
+        specs.append(model.mtp.ffn or model.ffn)
+    for spec in specs:
+        n_experts = getattr(spec.options, "n_experts", None)
+        if ep > 1 and n_experts is not None and n_experts % ep:
+            raise ConfigError(f"train.parallel.expert_parallel={ep} does not divide the n_experts={n_experts} of an "
+                              f"ffn of type {spec.type!r}: each expert-parallel rank holds n_experts / "
+                              f"expert_parallel whole experts")
+
+
+def world_size(trainer: TrainerConfig) -> int | None:
+    """Processes in the run, ``devices x num_nodes``, or None where the devices are found at start
+    (``auto``, ``-1``)."""
+    devices = trainer.devices
+    if isinstance(devices, str):
+        text = devices.strip()
+        devices = int(text) if text.isdigit() else [p for p in text.split(",") if p.strip()] if "," in text else None
+    if isinstance(devices, list):
+        return len(devices) * trainer.num_nodes
+    return devices * trainer.num_nodes if isinstance(devices, int) and devices > 0 else None
 
 
 def _valid_devices(devices: int | str | list[int]) -> bool:

@@ -5,7 +5,9 @@ module knows nothing else about the loss. Optimisation: AdamW (Loshchilov & Hutt
 decay on norms, biases and embeddings; linear warmup then cosine decay to ``min_lr_ratio`` (Loshchilov &
 Hutter 2017, SGDR Eq. 5 without restarts); gradient clipping and accumulation by Lightning. After each
 optimizer step (one whole accumulated batch) every module defining ``on_optimizer_step(all_reduce)`` is
-called, ``all_reduce`` summing a tensor over data-parallel ranks.
+called, ``all_reduce`` summing a tensor over data-parallel ranks. Under ``train.parallel``
+(:mod:`zoo.train.parallel`) ``configure_model`` applies expert parallelism and FSDP2, and the module reduces
+and clips the gradients of the sharded model itself.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from zoo import registry
 from zoo.blocks.norm import RMSNorm
 from zoo.model import build_model
+from zoo.train.block_wrappers import wrap_blocks
 from zoo.train.config import OptimizerConfig, ZooConfig
 from zoo.train.metrics import (add_counts, all_reduce_counts, all_reduce_sum, load_fractions, moe_max_violation,
                                perplexity)
 from zoo.train.objectives import build_objective
+from zoo.train.parallel import ParallelPlan, local, parallelize
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -49,11 +54,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, opt: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`, fused (one kernel per step, no temporaries) when every parameter is
-    on one CPU or CUDA device."""
+    on one CPU or CUDA device and, if sharded (DTensors, :mod:`zoo.train.parallel`), on one device mesh; one
+    parameter at a time where they mix meshes or plain tensors, which no multi-tensor kernel takes."""
     devices = {p.device.type for p in model.parameters()}
-    fused = len(devices) == 1 and devices <= {"cpu", "cuda"}
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None for p in model.parameters()}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"} and len(meshes) == 1
     optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas,
-                                  eps=opt.eps, fused=fused or None)
+                                  eps=opt.eps, fused=fused or None, foreach=False if len(meshes) > 1 else None)
     # A fused AdamW offers to unscale fp16 gradients itself, and Lightning then refuses to clip them under
     # mixed precision; declining lets a GradScaler unscale before clipping (bf16 has no scaler at all).
     optimizer._step_supports_amp_scaling = False
@@ -81,12 +88,16 @@ class ZooLightningModule(L.LightningModule):
     (loads summed over the validation set), and ``val/<name>`` for the objective's ``eval_metrics``
     (for ``dpo``: the rewards, their margin and accuracy). A batch is whatever the data module gives and the
     objective reads: a ``(B, T)`` tensor of token windows, or a dict of tensors (chat and preference data).
+
+    The decoder blocks of the model it trains are wrapped for ``train.activation_checkpointing`` and
+    ``train.compile`` (:func:`zoo.train.block_wrappers.wrap_blocks`; state-dict names unchanged).
     """
 
     def __init__(self, config: ZooConfig, model: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.model = model if model is not None else build_model(config.model)
+        wrap_blocks(self.model, config.train.activation_checkpointing, config.train.compile)
         self.objective = build_objective(config.train.objective)
         if callable(getattr(self.objective, "prepare", None)):
             self.objective.prepare(self.model)
@@ -103,6 +114,19 @@ class ZooLightningModule(L.LightningModule):
         self._clock = time.perf_counter()
         self._pending_rng: dict | None = None
         self._last_step: int | None = None
+        self._parallel: ParallelPlan | None = None  # set by configure_model under train.parallel
+
+    def configure_model(self) -> None:
+        """Under ``train.parallel`` (Lightning's ModelParallelStrategy), shard the model over the device mesh."""
+        if self.config.train.parallel.enabled and self._parallel is None:
+            self._parallel = parallelize(self.model, self.device_mesh, self.config.train.parallel)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self._parallel is None or gradient_clip_val is None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"train.parallel clips gradients by norm only, not by {gradient_clip_algorithm!r}")
+        self._parallel.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
@@ -144,10 +168,13 @@ class ZooLightningModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Refuse (or, with ``skip_nonfinite``, skip) an update whose gradients are not finite although its loss
-        was: every gradient is dropped, so the optimizer step changes nothing."""
+        was: every gradient is dropped, so the optimizer step changes nothing. Under ``train.parallel`` the
+        gradients are first reduced over the ranks."""
+        if self._parallel is not None:
+            self._parallel.reduce_gradients()
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16's GradScaler skips the steps with non-finite gradients itself
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
         if not grads:  # a batch skipped for its loss
             return
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all().float()

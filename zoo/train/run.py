@@ -7,9 +7,10 @@ them training those rows too), ``lightning.Trainer`` (``train.trainer.*`` passes
 ...), resumable checkpoints at ``out_dir/checkpoints/last.ckpt``, then the export to ``out_dir/final``
 (``save_pretrained`` with ``tokenizer.json`` and ``run_config.yaml``: adapter files naming the base when an
 adapter trained over a loaded base, the grown or merged one the run saved as ``out_dir/base`` named
-``../base``), ``loss.png`` (and ``expert_load.png`` for MoE models) and a generated sample. The caller's
-config is never changed: the resolved one (``out_dir``, ``vocab_size``, the ``precision`` chosen for
-``auto``, an adapter's ``trainable_tokens``) is a new object, returned in the result and written.
+``../base``; under ``train.parallel`` ``last.ckpt`` is a directory of per-rank shards and ``final`` the
+weights gathered from them), ``loss.png`` (and ``expert_load.png`` for MoE models) and a generated sample.
+The caller's config is never changed: the resolved one (``out_dir``, ``vocab_size``, the ``precision`` chosen
+for ``auto``, an adapter's ``trainable_tokens``) is a new object, returned in the result and written.
 """
 
 from __future__ import annotations
@@ -24,18 +25,23 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from zoo.adapters import add_adapter
 from zoo.checkpoint.hub import upload_checkpoint
 from zoo.errors import ConfigError
 from zoo.tokenizer import TOKENIZER_CONFIG
+from zoo.train.block_wrappers import unwrap_blocks
 from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.chat_data import ChatDataModule, chat_sample
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
 from zoo.train.init_from import init_from_base, load_initial_model, with_trainable_tokens
 from zoo.train.metrics import perplexity
+from zoo.model import build_model
 from zoo.train.module import ZooLightningModule
+from zoo.train.parallel import ZooModelParallelStrategy, full_state_dict
 from zoo.train.plots import plot_expert_load, plot_losses
 from zoo.train.precision import resolve_precision
 from zoo.train.rundir import RunLock, check_reusable, clear_outputs, new_run_dir
@@ -65,7 +71,7 @@ def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
     out_dir, resume_path = train.out_dir, None
     if isinstance(train.resume, str):
         resume_path = Path(train.resume).expanduser()
-        if not resume_path.is_file():
+        if not resume_path.exists():
             raise ConfigError(f"train.resume: checkpoint {train.resume!r} does not exist")
         out_dir = out_dir or str(resume_path.parent.parent)
     if out_dir is None:
@@ -85,7 +91,7 @@ def resolve_run(config: ZooConfig) -> tuple[ZooConfig, Path | None]:
     os.environ[_RUN_DIR_ENV] = out_dir
     if train.resume is True:
         resume_path = Path(out_dir) / "checkpoints" / "last.ckpt"
-        if not resume_path.is_file():
+        if not resume_path.exists():
             raise ConfigError(f"train.resume=true: {resume_path} does not exist")
     return replace(config, train=replace(train, out_dir=out_dir)), resume_path
 
@@ -163,13 +169,21 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     steps = trainer.global_step
     val_loss = module.val_history[-1][1] if module.val_history else None
     result = TrainResult(out_dir, steps, val_loss, control.interrupted, None, module, config, control.stop_signal)
+    sharded = config.train.parallel.enabled
+    state = full_state_dict(module.model) if sharded and not control.interrupted else None  # every rank takes part
     if not trainer.is_global_zero:
         return result
     plot_losses(out_dir / "metrics.csv", out_dir / "loss.png")
     if control.interrupted:
         print(f"resume with: train.out_dir={out_dir} train.resume=true")
         return result
-    model = module.model.float().cpu().eval()
+    if sharded:
+        model = build_model(config.model)
+        model.load_state_dict(state)
+        model = model.float().eval()
+        model.adapter_base = getattr(module.model, "adapter_base", None)  # adapter files, as unsharded runs export
+    else:
+        model = unwrap_blocks(module.model.float().cpu().eval())  # exported and sampled as a plain model
     data = train_cfg.data
     extra_files = {"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()}
     if tokenizer.tokenizer_config() is not None:
@@ -206,8 +220,9 @@ def trainer_arguments(config: ZooConfig, out_dir: Path, loggers: list, callbacks
     """The ``lightning.Trainer`` arguments zoo sets (``zoo.train.config.TRAINER_ARGS_SET_BY_ZOO`` says from
     which keys); ``train.trainer.extra`` adds others."""
     train_cfg, tc = config.train, config.train.trainer
+    strategy = ZooModelParallelStrategy(train_cfg.parallel) if train_cfg.parallel.enabled else tc.strategy
     return dict(
-        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=tc.strategy,
+        accelerator=tc.accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=strategy,
         precision=train_cfg.precision, max_steps=train_cfg.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         val_check_interval=train_cfg.val_check_interval * tc.accumulate_grad_batches,
@@ -223,11 +238,14 @@ _RESUME_KEYS = ("train.resume", "train.out_dir", "train.overwrite")
 def _check_resume(path: Path, config: ZooConfig, module: ZooLightningModule) -> int:
     """The step of checkpoint ``path``, after printing which config keys differ from those it was saved with;
     ConfigError naming the differing ``model.*`` keys when its tensors do not fit ``module``'s shapes."""
-    checkpoint = _read_resume_checkpoint(path)
+    if path.is_dir() != config.train.parallel.enabled:
+        raise ConfigError(f"train.resume: {str(path)!r} is {'a sharded' if path.is_dir() else 'a single-file'} "
+                          f"checkpoint, written {'with' if path.is_dir() else 'without'} train.parallel; resume it "
+                          f"with the train.parallel keys (and world size) it was saved with")
+    checkpoint, saved = _read_resume_checkpoint(path)
     stored = checkpoint.get("zoo", {}).get("config")
     changed = {} if stored is None else {key: values for key, values in _differences(stored, config.to_dict()).items()
                                          if key not in _RESUME_KEYS}
-    saved = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
     current = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     if saved != current:
         model_keys = [f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changed.items()
@@ -242,21 +260,32 @@ def _check_resume(path: Path, config: ZooConfig, module: ZooLightningModule) -> 
     return int(checkpoint["global_step"])
 
 
-def _read_resume_checkpoint(path: Path) -> dict:
-    """The checkpoint dict of ``path`` (tensors memory-mapped). A file that torch cannot read as a Lightning
-    checkpoint, such as one cut short by a full disk or a copy, is a ConfigError that names it and says how
-    to go on, raised before Lightning would report it as an mmap or zip error of its own."""
+def _read_resume_checkpoint(path: Path) -> tuple[dict, dict[str, tuple]]:
+    """The checkpoint dict of ``path`` (tensors memory-mapped) and the shapes of its model tensors. A sharded
+    checkpoint (a directory: Lightning's ``meta.pt`` beside the distributed checkpoint's shards) gives its
+    ``meta.pt`` and the shapes its DCP metadata records. A checkpoint that torch cannot read, such as one cut
+    short by a full disk or a copy, is a ConfigError that names it and says how to go on, raised before
+    Lightning would report it as an mmap or zip error of its own."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.is_dir():
+            checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+            metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+            shapes = {key.removeprefix("state_dict."): tuple(item.size) for key, item in metadata.items()
+                      if key.startswith("state_dict.") and isinstance(item, TensorStorageMetadata)}
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes = None
         if not (isinstance(checkpoint, dict) and "global_step" in checkpoint):
             raise ValueError(f"it holds a {type(checkpoint).__name__} without global_step")
+        if shapes is None:
+            shapes = {name: tuple(t.shape) for name, t in checkpoint.get("state_dict", {}).items()}
     except Exception as err:  # a damaged zip, a pickle that ends early, storages cut short
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ConfigError(f"train.resume: checkpoint {str(path)!r} is corrupt or truncated and cannot be resumed "
                           f"from ({type(err).__name__}{': ' + detail if detail else ''}); remove it and resume "
                           "from a copy you trust with train.resume=<path>, or start the run afresh with "
                           "train.overwrite=true") from err
-    return checkpoint
+    return checkpoint, shapes
 
 
 def _differences(old, new, prefix: str = "") -> dict[str, tuple]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def new_run_dir(base: Path) -> Path:
 
 def previous_outputs(out_dir: Path) -> list[str]:
     """The files of an earlier run in ``out_dir`` (relative paths, from :data:`RUN_OUTPUTS`)."""
-    return [name for name in RUN_OUTPUTS if (out_dir / name).is_file()]
+    return [name for name in RUN_OUTPUTS if (out_dir / name).exists()]  # last.ckpt: a directory when sharded
 
 
 def check_reusable(out_dir: Path, resume: bool | str, overwrite: bool) -> None:
@@ -49,7 +50,11 @@ def clear_outputs(out_dir: Path) -> None:
     """Remove the checkpoint and metrics of an earlier run (``train.overwrite=true``), so that they cannot mix
     with the new run's; ``final/`` is replaced when the new run exports."""
     for name in ("checkpoints/last.ckpt", "metrics.csv"):
-        (out_dir / name).unlink(missing_ok=True)
+        path = out_dir / name
+        if path.is_dir():  # a sharded checkpoint (train.parallel)
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 class RunLock:
