@@ -229,6 +229,50 @@ def test_qlora_trains_only_the_adapter_and_merges_by_dequantising():
     torch.testing.assert_close(merged(x).logits, adapted, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_trainable_tokens_replace_their_rows_train_alone_merge_and_reload(tmp_path, tied):
+    """``trainable_tokens``: the rows of those ids in the embedding and the logits come from the adapter's
+    ``token_rows`` (checked against a float64 base whose weights carry those rows); gradients reach only the
+    adapter; merging keeps the logits (1e-10); adapter files hold the rows and reload them exactly."""
+    tokens = [3, 250, 256]
+    base = zoo.create_model("dense-tiny", max_seq_len=32, tie_embeddings=tied, **TINY["dense-tiny"]).double().eval()
+    base.save_pretrained(tmp_path / "base")
+    model = zoo.from_pretrained(tmp_path / "base")
+    zoo.add_adapter(model, {"type": "lora", "r": 2, "trainable_tokens": tokens}, base=str(tmp_path / "base"))
+    x = ids()
+    x[:, ::4] = 250
+    assert torch.equal(model(x).logits, base(x).logits)  # rows start as the base's
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        model.embed.token_rows.copy_(torch.randn(3, 32, generator=generator, dtype=torch.float64))
+        if not tied:
+            model.head.token_rows.copy_(torch.randn(3, 32, generator=generator, dtype=torch.float64))
+    reference = zoo.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        reference.embed.weight[tokens] = model.embed.token_rows
+        reference.head.weight[tokens] = model.head.rows()
+    torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=1e-12)
+    with adapter_disabled(model):
+        assert torch.equal(model(x).logits, base(x).logits)
+    model.train()(x, labels=x).loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "embed.token_rows" in trained and ("head.token_rows" in trained) is not tied
+    assert all(".lora_" in n or n.endswith("token_rows") for n in trained)
+    model.eval()
+    randomise_adapter(model)
+    adapted = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["adapter"]["trainable_tokens"]
+    assert saved == tokens
+    assert torch.equal(zoo.from_pretrained(tmp_path / "adapter").eval()(x).logits, adapted)
+    merged = model.merge_adapter()
+    assert (merged.head.weight is merged.embed.weight) is tied
+    torch.testing.assert_close(merged(x).logits, adapted, rtol=0, atol=1e-10)
+    with pytest.raises(zoo.ConfigError, match=r"trainable_tokens: ids \[300\] are not below .* vocab_size 257"):
+        zoo.add_adapter(zoo.from_pretrained(tmp_path / "base"), {"type": "lora", "trainable_tokens": [300]})
+
+
 # --------------------------------------------------------------------------- checkpoints and training
 
 

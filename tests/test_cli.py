@@ -1,15 +1,17 @@
 """The ``zoo`` command (zoo.cli), run in-process through ``main(argv)`` on a tiny checkpoint: exit codes,
 output, and a clear error naming close matches for a bad model name."""
 
+import io
 import json
 
 import pytest
 import torch
 
 import zoo
-from zoo.cli import COMMANDS, main
+from zoo.cli import COMMANDS, _fitting_prompt, main
 from zoo.evaluation.scoring import perplexity
-from zoo.tokenizer import ByteTokenizer
+from zoo.tokenizer import ByteTokenizer, with_chat_tokens
+from zoo.train.run import train
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,61 @@ def test_eval_perplexity_of_a_file(capsys, checkpoint, tmp_path):
     assert reported["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=1e-6)
     assert f"bits_per_byte {expected.bits_per_byte:.4f}" in capsys.readouterr().out
     assert main(["eval", str(run)]) == 2 and "--tasks and/or --perplexity" in capsys.readouterr().err
+
+
+def test_chat_streams_replies_through_the_chat_template(capsys, monkeypatch, tmp_path):
+    """A 2-step SFT run's export chats: each stdin line a user turn answered greedily under the chat template
+    (history included), /reset starting over, the end of input ending with status 0."""
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"What does f{i} do?"}, {"role": "assistant", "content": f"It does {i}."}]}) + "\n"
+        for i in range(6)))
+    config = zoo.load_config({
+        "model": {"d_model": 32, "n_layers": 1, "max_seq_len": 128, "mixer": {"type": "attention", "n_heads": 4,
+                                                                            "n_kv_heads": 2},
+                  "ffn": {"type": "mlp", "d_hidden": 48}},
+        "train": {"objective": {"type": "sft"}, "out_dir": str(tmp_path / "sft"), "max_steps": 2, "batch_size": 2,
+                  "val_check_interval": 2, "val_batches": 1, "sample_tokens": 0, "precision": "32-true",
+                  "schedule": {"warmup_steps": 1}, "optimizer": {"lr": 0.05},
+                  "data": {"format": "chat", "path": str(tmp_path / "chat.jsonl"), "seq_len": 48,
+                           "val_fraction": 0.3}}})
+    train(config)
+    model = zoo.from_pretrained(tmp_path / "sft" / "final").eval()
+    tokenizer = model.tokenizer
+    assert tokenizer.end_of_turn_id == tokenizer.encode("<|end|>")[0] == 260
+
+    def reply(messages):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return model.generate_text(prompt, 6, stop=[tokenizer.end_of_turn_id])
+
+    question = [{"role": "user", "content": "What does f9 do?"}]
+    first = reply(question)
+    follow_up = [*question, {"role": "assistant", "content": first}, {"role": "user", "content": "Why?"}]
+    second = reply(follow_up)
+    prompts = []
+    generate_text = model.generate_text
+    monkeypatch.setattr(model, "generate_text", lambda prompt, *a, **k: prompts.append(prompt) or generate_text(
+        prompt, *a, **k))
+    monkeypatch.setattr("zoo.cli.load_model", lambda spec: model if spec == str(tmp_path / "sft") else None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What does f9 do?\nWhy?\n\n/reset\nWhat does f9 do?\n"))
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "sft"), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"{first}\n{second}\n(new conversation)\n{first}\n"
+    assert prompts == [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                       for m in (question, follow_up, question)]
+
+
+def test_chat_needs_a_chat_template_and_keeps_the_newest_turns(capsys, checkpoint, monkeypatch):
+    run, _ = checkpoint
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", str(run)]) == 2 and "has no chat template" in capsys.readouterr().err
+    tokenizer = with_chat_tokens(ByteTokenizer())
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "one"},
+             {"role": "assistant", "content": "1"}, {"role": "user", "content": "two"}]
+    assert _fitting_prompt(tokenizer, turns, 34)[0] == turns  # all four: 34 tokens; without the first pair: 22
+    kept, prompt = _fitting_prompt(tokenizer, turns, 33)
+    assert kept == [turns[0], turns[3]]
+    assert prompt == "<|system|>\nBe brief.<|end|>\n<|user|>\ntwo<|end|>\n<|assistant|>\n"
+    assert _fitting_prompt(tokenizer, turns, 10) == (turns[:3], None)
 
 
 def test_import_a_transformers_checkpoint(capsys, tmp_path):

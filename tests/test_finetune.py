@@ -237,36 +237,57 @@ def pretrained(tmp_path) -> Path:
 
 def test_sft_with_lora_then_dpo_from_a_zoo_checkpoint(tmp_path):
     run_dir = pretrained(tmp_path)
-    common = {**{f"train.{k}": v for k, v in RUN.items()}, "model.adapter": {"type": "lora", "r": 4}}
+    common = {**{f"train.{k}": v for k, v in RUN.items()}, "model.adapter": {"type": "lora", "r": 4},
+              "train.optimizer": {"lr": 0.05}}
     sft = zoo.load_config("sft-tiny", {**common, "train.init_from": str(run_dir), "train.out_dir": str(tmp_path / "sft"),
                                        "train.data": {"format": "chat", "path": str(chat_file(tmp_path)), "seq_len": 32,
                                                       "val_fraction": 0.3}})
-    assert sft.model.d_model == 32 and sft.train.data.tokenizer == str(run_dir / "final" / "tokenizer.json")
+    assert sft.train.data.tokenizer == str(run_dir / "final" / "tokenizer.json")
     result = train(sft)
     assert result.steps == 2 and result.config.model.vocab_size == 261  # grown by the four chat markers
-    assert "init_from" in (tmp_path / "sft" / "run_config.yaml").read_text()
-    model = result.module.model
+    assert result.config.model.adapter.options.trainable_tokens == [257, 258, 259, 260]
+    model = result.module.model.eval()
     assert model.adapter_base == str((tmp_path / "sft" / "base").resolve())  # the grown base, saved to be named
     base = zoo.from_pretrained(tmp_path / "sft" / "base")
-    ids = torch.randint(0, 261, (1, 12))
-    with adapter_disabled(model):
-        torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=0)
     embed = base.embed.weight
     torch.testing.assert_close(embed[257:], embed[:257].mean(0).expand(4, -1))  # new rows: the mean
+    # Only the adapter trained: every base tensor bitwise as saved, the new token rows moved off the mean.
+    trained = model.state_dict()
+    assert all(torch.equal(trained[name], tensor) for name, tensor in base.state_dict().items())
+    assert not torch.allclose(model.embed.token_rows, embed[257:])
+    ids = torch.randint(0, 261, (1, 12))
+    ids[0, ::3] = torch.tensor([257, 258, 259, 260])  # the chat markers in the input
+    with adapter_disabled(model):
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=0, atol=0)
 
-    dpo = zoo.load_config("dpo-tiny", {**common, "train.init_from": str(tmp_path / "sft" / "final"),
+    # final/: adapter files naming ../base, loadable as the trained model, also once the run directory moved.
+    final = tmp_path / "sft" / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["base_model"] == "../base"
+    assert not (final / "config.json").exists()
+    moved = tmp_path / "moved" / "sft"
+    moved.parent.mkdir()
+    (tmp_path / "sft").rename(moved)
+    loaded = zoo.from_pretrained(moved / "final").eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.tokenizer.vocab_size == 261 and loaded.tokenizer.chat_template is not None
+    rerun = zoo.load_config(str(moved / "run_config.yaml"))  # the grown vocab_size reads back as growth
+    assert rerun.model == result.config.model
+
+    dpo = zoo.load_config("dpo-tiny", {**common, "train.init_from": str(moved / "final"),
                                        "train.out_dir": str(tmp_path / "dpo"),
                                        "train.data": {"format": "preference", "path": str(preference_file(tmp_path)),
                                                       "seq_len": 32, "val_fraction": 0.3}})
+    assert dpo.model.vocab_size == 261 and dpo.train.data.tokenizer == str(moved / "final" / "tokenizer.json")
     result = train(dpo)
     rows = (tmp_path / "dpo" / "metrics.csv").read_text()
     for name in ("train/rewards_chosen", "train/rewards_rejected", "train/reward_accuracy", "train/reward_margin",
                  "val/rewards_chosen", "val/reward_accuracy", "val/reward_margin", "val/rewards_rejected"):
         assert name in rows
-    sft_merged, changed = load_initial_model(result.config.model, str(tmp_path / "sft" / "final"), 261)
-    assert changed and sft_merged.config.adapter is None  # the SFT adapter merged in
+    initial = load_initial_model(result.config.model, str(moved / "final"), 261)
+    assert initial.changed and initial.added_tokens == [] and initial.model.config.adapter is None  # SFT merged
+    assert result.config.model.adapter.options.trainable_tokens == []  # no token added: none trains
     with adapter_disabled(result.module.model):  # DPO's reference: the SFT model, its adapter merged
-        torch.testing.assert_close(result.module.model(ids).logits, sft_merged(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.module.model.eval()(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_init_from_an_imported_transformers_checkpoint_trains(tmp_path):

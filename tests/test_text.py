@@ -173,6 +173,11 @@ def test_stop_strings_end_the_text_and_are_left_out():
     stream = TextStream(ByteTokenizer(), stop=["END"])
     shown = [stream.add(b) for b in b"ab EN"]
     assert "".join(shown) == "ab " and stream.add(ord("D")) == "" and stream.done  # "EN" held, then dropped
+    new = model.generate(torch.tensor([list(b"abc")]), 20)[0, 3:].tolist()
+    token = next(t for i, t in enumerate(new) if i >= 2 and t not in new[:i])  # a stop token, first seen at i
+    assert model.generate_text("abc", max_new_tokens=20, stop=[token]) == ByteTokenizer().decode(new[:new.index(token)])
+    with pytest.raises(ValueError, match="non-empty strings and token ids"):
+        model.generate_text("abc", stop=[-1])
 
 
 def test_end_of_text_ends_generation():

@@ -1,9 +1,9 @@
-"""The ``zoo`` command: ``zoo list``, ``zoo info MODEL``, ``zoo generate MODEL PROMPT``, ``zoo eval MODEL``,
-``zoo import SRC OUT_DIR``, ``zoo export MODEL OUT_DIR``, ``zoo push RUN_DIR REPO``, ``zoo train ...``
-(``zoo COMMAND --help`` for each).
+"""The ``zoo`` command: ``zoo list``, ``zoo info MODEL``, ``zoo generate MODEL PROMPT``, ``zoo chat MODEL``,
+``zoo eval MODEL``, ``zoo import SRC OUT_DIR``, ``zoo export MODEL OUT_DIR``, ``zoo push RUN_DIR REPO``,
+``zoo train ...`` (``zoo COMMAND --help`` for each).
 
-MODEL is a preset name (``zoo list``; its Hub weights where it has some), a checkpoint directory, a training
-run's directory (its ``final/`` export), or ``hf-hub:org/repo``. A command is a function ``(args) -> exit
+MODEL is a preset name (``zoo list``; its Hub weights where it has some), a checkpoint or adapter directory, a
+training run's directory (its ``final/`` export), or ``hf-hub:org/repo``. A command is a function ``(args) -> exit
 status`` whose docstring is its help, registered with its arguments by :func:`add_command`. Exit status: 0
 done, 1 a failure (a checkpoint that cannot be read, a failed download), 2 a usage error (a bad model name,
 a bad option).
@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from zoo.checkpoint.adapters import is_adapter_dir
 from zoo.checkpoint.files import read_json
 from zoo.checkpoint.hub import HUB_PREFIX, upload_checkpoint
 from zoo.checkpoint.pretrained import from_pretrained, read_model_config
@@ -55,10 +56,11 @@ def add_command(name: str, run: Callable[[argparse.Namespace], int], *arguments:
 
 
 def checkpoint_dir(spec: str) -> Path | None:
-    """The checkpoint directory ``spec`` names: itself (it has a ``config.json``) or a run's ``final/``."""
+    """The checkpoint directory ``spec`` names: itself (it has a ``config.json``, or is an adapter directory)
+    or a run's ``final/``."""
     path = Path(spec).expanduser()
     for candidate in (path, path / "final"):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or is_adapter_dir(candidate):
             return candidate
     return None
 
@@ -84,6 +86,8 @@ def model_config(spec: str) -> ModelConfig:
     """The model config MODEL names, without loading weights where the config alone says it."""
     directory = checkpoint_dir(spec)
     if directory is not None:
+        if is_adapter_dir(directory):
+            return from_pretrained(directory).config
         raw = read_json(directory / "config.json")
         return from_pretrained(directory).config if "model_type" in raw else read_model_config(raw, directory)
     if spec.startswith(HUB_PREFIX):
@@ -143,6 +147,64 @@ def generate_command(args) -> int:
     return 0
 
 
+def chat_command(args) -> int:
+    """Chat with a model that has a chat template: each line read is a user turn, the reply is streamed. /reset
+    starts a new conversation; an end of input (Ctrl-D) ends. The oldest exchanges are dropped when the
+    conversation outgrows the model's context."""
+    model = load_model(args.model).eval()
+    tokenizer = model.tokenizer
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError(f"{args.model!r} has no chat template (tokenizer_config.json with chat_template beside "
+                         "tokenizer.json): fine-tune it with the sft objective first, or use zoo generate")
+    generator = torch.Generator(model.embed.weight.device).manual_seed(args.seed)
+    stop = [tokenizer.end_of_turn_id] if getattr(tokenizer, "end_of_turn_id", None) is not None else []
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(start)
+            print("(new conversation)", flush=True)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        context = model.config.max_seq_len
+        messages, prompt = _fitting_prompt(tokenizer, messages, context - min(args.max_new_tokens, context // 2))
+        if prompt is None:
+            print(f"zoo chat: the message does not fit the model's context of {context} tokens with room for a "
+                  "reply; shorten it", file=sys.stderr)
+            continue
+        new_tokens = min(args.max_new_tokens, context - len(tokenizer.encode(prompt)))
+        reply = ""
+        for piece in model.generate_text(prompt, new_tokens, args.temperature, args.top_k, args.top_p, stop,
+                                         stream=True, generator=generator):
+            print(piece, end="", flush=True)
+            reply += piece
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _fitting_prompt(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], str | None]:
+    """``(messages, prompt)``: the chat template's generation prompt for ``messages``, the oldest exchanges
+    (after a system message) dropped until it is at most ``budget`` tokens; ``(without the last, None)``
+    when even the last message alone does not fit."""
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    rest = messages[len(system):]
+    while rest:
+        prompt = tokenizer.apply_chat_template(system + rest, add_generation_prompt=True, tokenize=False)
+        if len(tokenizer.encode(prompt)) <= budget:
+            return system + rest, prompt
+        rest = rest[2:] if len(rest) > 1 else []
+    return messages[:-1], None
+
+
 def eval_command(args) -> int:
     """Evaluate a model: lm-evaluation-harness tasks (--tasks) and/or perplexity (--perplexity)."""
     if not args.tasks and not args.perplexity:
@@ -194,8 +256,8 @@ def push_command(args) -> int:
     """Upload a run's final export (or a checkpoint directory) to a Hugging Face Hub repo."""
     directory = checkpoint_dir(args.run_dir)
     if directory is None:
-        raise UsageError(f"{args.run_dir!r} is neither a checkpoint directory (config.json) nor a run directory "
-                         "with a final/ export")
+        raise UsageError(f"{args.run_dir!r} is neither a checkpoint directory (config.json), an adapter directory "
+                         "(adapter_config.json), nor a run directory with a final/ export")
     info = upload_checkpoint(directory, args.repo, private=args.private or None, revision=args.revision)
     print(f"pushed {directory} to {args.repo}: {getattr(info, 'commit_url', info)}")
     return 0
@@ -214,6 +276,9 @@ add_command("generate", generate_command, MODEL, arg("prompt"),
             arg("--top-k", type=int), arg("--top-p", type=float), arg("--repetition-penalty", type=float),
             arg("--stop", action="append", default=[], help="stop string (repeatable)"),
             arg("--seed", type=int, default=0))
+add_command("chat", chat_command, MODEL, arg("--system", help="a system message opening each conversation"),
+            arg("--max-new-tokens", type=int, default=128), arg("--temperature", type=float, default=0.0),
+            arg("--top-k", type=int), arg("--top-p", type=float), arg("--seed", type=int, default=0))
 add_command("eval", eval_command, MODEL,
             arg("--tasks", help="comma-separated lm-eval task names"),
             arg("--include-path", help="folder of extra lm-eval task YAML files (then only it is indexed)"),

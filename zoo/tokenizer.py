@@ -38,6 +38,7 @@ class ChatTemplate:
     a tokenizer zoo's."""
 
     chat_template: str | None = None
+    end_of_turn_id: int | None = None  # the token a chat reply ends with (zoo's <|end|>), None when unknown
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             tokenize: bool = True) -> list[int] | str:
@@ -112,9 +113,11 @@ class ByteTokenizer(ChatTemplate):
 class HFTokenizer(ChatTemplate):
     """A ``tokenizers.Tokenizer`` (BPE trained here, or any ``tokenizer.json``) with its end-of-text id."""
 
-    def __init__(self, tokenizer, source: str = "tokenizer", chat_template: str | None = None):
+    def __init__(self, tokenizer, source: str = "tokenizer", chat_template: str | None = None,
+                 end_of_turn: str | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.end_of_turn_id = tokenizer.token_to_id(end_of_turn) if end_of_turn else None
         ids = [tokenizer.token_to_id(name) for name in _EOT_NAMES]
         found = [i for i in ids if i is not None]
         if not found:
@@ -127,16 +130,19 @@ class HFTokenizer(ChatTemplate):
     @classmethod
     def from_file(cls, path: str | Path) -> "HFTokenizer":
         """The ``tokenizer.json`` at ``path``, with the ``chat_template`` of a ``tokenizer_config.json``
-        beside it (as a checkpoint holds them)."""
+        beside it (as a checkpoint holds them) and its ``eos_token`` as the end of a chat turn."""
         from tokenizers import Tokenizer
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        config = path.with_name(TOKENIZER_CONFIG)
-        template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+        config_path = path.with_name(TOKENIZER_CONFIG)
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template, end = config.get("chat_template"), config.get("eos_token")
+        end = end.get("content") if isinstance(end, dict) else end  # transformers' AddedToken form
         return cls(Tokenizer.from_file(str(path)), source=str(path),
-                   chat_template=template if isinstance(template, str) else None)
+                   chat_template=template if isinstance(template, str) else None,
+                   end_of_turn=end if isinstance(end, str) and template is not None else None)
 
     @classmethod
     def from_str(cls, text: str) -> "HFTokenizer":
@@ -168,7 +174,7 @@ def with_chat_tokens(tokenizer) -> HFTokenizer:
 
     inner = Tokenizer.from_str(tokenizer.to_json())
     inner.add_special_tokens(list(CHAT_TOKENS))
-    return HFTokenizer(inner, source="chat tokenizer", chat_template=CHAT_TEMPLATE)
+    return HFTokenizer(inner, source="chat tokenizer", chat_template=CHAT_TEMPLATE, end_of_turn=END_OF_TURN)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:

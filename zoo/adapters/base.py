@@ -140,10 +140,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold every adapter module into the plain module it stands for (:meth:`AdapterModule.merged`), in
-    place; the config loses ``adapter`` and every parameter trains again. Returns the model."""
+    place; the config loses ``adapter``, tied weights are tied again and every parameter trains again.
+    Returns the model."""
     for name, module in list(adapter_modules(model)):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, module.merged())
+    if callable(getattr(model, "tie_weights", None)):  # a merged embedding and head are two tensors until re-tied
+        model.tie_weights()
     for p in model.parameters():
         p.requires_grad_(True)
     model.config = dataclasses.replace(model.config, adapter=None)

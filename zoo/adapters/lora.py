@@ -26,6 +26,7 @@ from torch import nn
 from zoo.adapters.base import AdapterModule, adopt, freeze
 from zoo.adapters.experts import LoRAExperts
 from zoo.adapters.nf4 import dense_weight, quantize_linear
+from zoo.adapters.tokens import check_token_ids, train_token_rows
 from zoo.blocks.attention import Attention
 from zoo.blocks.experts import Experts
 from zoo.blocks.mlp import SwiGLU
@@ -51,9 +52,11 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # fnmatch globs over module names
     dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024)
     base_quant: Literal["none", "nf4"] = "none"  # QLoRA: frozen base linears in 4-bit NormalFloat
+    trainable_tokens: list[int] = field(default_factory=list)  # ids whose embedding/output rows train too
 
     def validate(self) -> None:
         require_positive(self, "r", "alpha")
+        check_token_ids(self.trainable_tokens)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
@@ -148,7 +151,8 @@ class LoRALinear(nn.Linear, AdapterModule):
 class LoRA:
     """The ``lora`` adapter: freezes the model and adapts each target ``nn.Linear`` (:class:`LoRALinear`) and
     packed ``Experts`` (:class:`zoo.adapters.experts.LoRAExperts`); ``base_quant: nf4`` first stores the
-    frozen base linears in NF4 (QLoRA, Dettmers et al. 2023 §3)."""
+    frozen base linears in NF4 (QLoRA, Dettmers et al. 2023 §3); ``trainable_tokens`` trains the embedding
+    and output rows of those ids too (:mod:`zoo.adapters.tokens`)."""
 
     def __init__(self, config: LoRAConfig):
         self.config = config
@@ -176,4 +180,6 @@ class LoRA:
             raise ConfigError(f"model.adapter.targets: {self.config.targets} match no nn.Linear or packed experts "
                               f"of the model; its linears are e.g. "
                               f"{[n for n, m in model.named_modules() if type(m) is nn.Linear][:6]}")
+        if self.config.trainable_tokens:
+            train_token_rows(model, self.config.trainable_tokens)
         return model

@@ -44,7 +44,8 @@ _MTP_PREFIX = "mtp."  # multi-token prediction modules (zoo.model.mtp)
 
 def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = "5GB",
                     extra_files: Mapping[str, str | bytes] | None = None, training: Mapping | None = None,
-                    license: str = "apache-2.0", weights_format: str = "hp") -> Path:
+                    license: str = "apache-2.0", weights_format: str = "hp",
+                    adapter_base: str | None = None) -> Path:
     """Write ``config.json``, the safetensors weights (sharded with an index above ``max_shard_size``),
     ``extra_files`` (name -> content, e.g. ``tokenizer.json``; ``model.tokenizer``'s is written when it has one
     and ``extra_files`` brings none) and a model card ``README.md`` to ``path``.
@@ -69,13 +70,14 @@ def save_pretrained(model, path: str | os.PathLike, max_shard_size: str | int = 
 
     A model with an adapter whose base is known (``model.adapter_base``, see :func:`zoo.add_adapter`) saves
     the adapter only (:func:`zoo.checkpoint.adapters.save_adapter`: ``adapter_config.json`` naming the base,
-    ``adapter_model.safetensors``, the ``extra_files``); one without a known base saves everything, the
-    config keeping ``model.adapter``.
+    ``adapter_model.safetensors``, the ``extra_files``); ``adapter_base`` overrides how it names the base (a
+    path relative to ``path``, such as a training run's ``../base``). One without a known base saves
+    everything, the config keeping ``model.adapter``.
     """
     if has_adapter(model) and getattr(model, "adapter_base", None) is not None:
         if weights_format != "hp":
             raise ValueError("an adapter is saved in its own precision: weights_format applies to full checkpoints")
-        return save_adapter(model, path, extra_files)
+        return save_adapter(model, path, extra_files, adapter_base)
     if weights_format not in ("hp", "fp8"):
         raise ValueError(f"weights_format={weights_format!r}; choose 'hp' (high precision) or 'fp8'")
     path = Path(path)

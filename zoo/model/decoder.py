@@ -198,7 +198,7 @@ class ZooModel(nn.Module):
                       stream: bool = False, generator: torch.Generator | None = None):
         """Text in, text out with ``self.tokenizer``: the continuation of ``prompt`` (a str), or a list of
         continuations of a list of prompts (decoded as one left-padded batch, each as if alone), ending at
-        the end-of-text token, the first of the ``stop`` strings (left out) or ``max_new_tokens``.
+        the end-of-text token, the first of the ``stop`` strings or token ids (left out) or ``max_new_tokens``.
         ``stream=True`` returns an iterator of text pieces (never a split UTF-8 character). Sampling options
         as :meth:`generate`; see :func:`zoo.model.text.generate_text`."""
         return generate_text(self, self.tokenizer, prompt, max_new_tokens, stop, stream, temperature=temperature,

@@ -4,7 +4,9 @@
 A tokenizer here is anything with ``encode(str) -> list[int]``, ``decode(ids) -> str`` and ``eot_id`` (the
 end-of-text token that ends generation; :mod:`zoo.tokenizer`'s classes). Pieces are cut so that no multi-byte
 UTF-8 character is split (a decode ending in U+FFFD waits for the next token) and no stop string is half
-emitted (text that could still grow into a stop string is held back until it cannot).
+emitted (text that could still grow into a stop string is held back until it cannot). A stop may also be a
+token id, which ends the text as the end-of-text token does (a chat model's end-of-turn marker, a special
+token that decoding leaves out of the text, so no stop string could see it).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ _INCOMPLETE = "\ufffd"  # what a decode of a cut multi-byte character ends with
 class TextStream:
     """One row's generated text, fed token by token: :meth:`add` returns the text now safe to show."""
 
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, list(stop)
+    def __init__(self, tokenizer, stop: Sequence[str | int]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if isinstance(s, str)]
+        self.end_ids = {tokenizer.eot_id, *(s for s in stop if not isinstance(s, str))}
         self.ids: list[int] = []
         self.shown = 0  # characters of the decoded text already returned
         self.text = ""
@@ -30,8 +34,8 @@ class TextStream:
 
     def add(self, token: int) -> str:
         """Take the next generated token; returns the new piece (possibly empty). Ends the stream at the end
-        of text or at the first stop string (which is left out)."""
-        if token == self.tokenizer.eot_id:
+        of text, a stop token or the first stop string (which is left out)."""
+        if token in self.end_ids:
             return self.finish()
         self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids)
@@ -65,8 +69,8 @@ def _check(tokenizer, stop) -> list[str]:
         raise ValueError("this model has no tokenizer (set model.tokenizer, e.g. zoo.tokenizer.ByteTokenizer(), "
                          "or load a checkpoint that holds a tokenizer.json)")
     stop = [stop] if isinstance(stop, str) else list(stop or ())
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+    if any(not (isinstance(s, str) and s or type(s) is int and s >= 0) for s in stop):
+        raise ValueError(f"stop must be a list of non-empty strings and token ids (int >= 0), got {stop!r}")
     return stop
 
 
@@ -103,8 +107,8 @@ def stream_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
 def generate_text(model, tokenizer, prompt: str | Sequence[str], max_new_tokens: int = 64,
                   stop: Sequence[str] = (), stream: bool = False, **decoding):
     """The continuation of ``prompt`` (a str) or of each prompt of a list (batched, left-padded), without the
-    prompt, the end-of-text token or the stop string that ended it. ``stream=True`` (one prompt) returns an
-    iterator of text pieces instead, which join to the same text."""
+    prompt, the end-of-text token or the stop (string or token id) that ended it. ``stream=True`` (one prompt)
+    returns an iterator of text pieces instead, which join to the same text."""
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):

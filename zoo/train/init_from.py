@@ -1,33 +1,37 @@
 """``train.init_from``: start a run from trained weights instead of a fresh initialisation.
 
 The source is a zoo checkpoint directory (``runs/<preset>/<time>/final``, or the run directory itself, whose
-``final/`` is taken), a transformers checkpoint of a family zoo imports (:mod:`zoo.checkpoint.importers`), or
-``hf-hub:ORG/NAME[@REVISION]`` for either on the Hub. At config load (:func:`resolve_init_from`) the run's
-``model`` section becomes the checkpoint's, with the config's own ``model`` keys applied over it as
-overrides: those that keep every tensor's shape (dropout, ``bias_update_rate``, ``freeze_router``, an
-adapter) are allowed, one that changes a shape is a :class:`~zoo.errors.ConfigError` naming the key, the
-checkpoint's value and the override. The checkpoint's ``tokenizer.json`` (with its ``tokenizer_config.json``)
-becomes ``train.data.tokenizer``, so the data is tokenised as the model was trained. At training
-:func:`load_initial_model` reads the weights (merging an adapter the checkpoint holds), :func:`grow_vocabulary`
-adds rows for tokens the run's tokenizer added (the chat markers of SFT and DPO), and the run adds its
-own ``model.adapter`` over the result.
+``final/`` is taken), an adapter directory (``adapter_config.json``: zoo's, or peft's; its base is loaded and
+the adapter merged into it), a transformers checkpoint of a family zoo imports
+(:mod:`zoo.checkpoint.importers`), or ``hf-hub:ORG/NAME[@REVISION]`` for any of them on the Hub. At config
+load (:func:`resolve_init_from`) the run's ``model`` section becomes the checkpoint's, with the config's own
+``model`` keys applied over it as overrides: those that keep every tensor's shape (dropout,
+``bias_update_rate``, ``freeze_router``, an adapter) are allowed, and so is a larger ``vocab_size`` (the
+vocabulary grows, :func:`grow_vocabulary`; a run's ``run_config.yaml`` records the grown size, so it loads
+back); one that changes another shape is a :class:`~zoo.errors.ConfigError` naming the key, the checkpoint's
+value and the override. The checkpoint's ``tokenizer.json`` (with its ``tokenizer_config.json``; an
+adapter's own, else its base's) becomes ``train.data.tokenizer``, so the data is tokenised as the model was
+trained. At training :func:`load_initial_model` reads the weights (merging an adapter the checkpoint holds),
+grows them to the run's vocabulary (the chat markers SFT and DPO add), and the run adds its own
+``model.adapter`` over the result, training the added token rows too (:func:`with_trainable_tokens`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from zoo.adapters import adapter_state_dict, add_adapter, merge_adapter
+from zoo.adapters import has_adapter, merge_adapter
+from zoo.checkpoint.adapters import adapter_base, is_adapter_dir
 from zoo.checkpoint.files import read_json
 from zoo.checkpoint.hub import HUB_PREFIX, resolve_checkpoint
-from zoo.checkpoint.pretrained import load_model, read_checkpoint, read_model_config
+from zoo.checkpoint.pretrained import from_pretrained, load_model, read_checkpoint, read_model_config
 from zoo.errors import CheckpointError, ConfigError
 from zoo.model import ModelConfig, build_skeleton
-from zoo.schema import deep_copy
+from zoo.schema import BlockSpec, deep_copy
 
 TOKENIZER_FILE = "tokenizer.json"
 # Model keys that never change a tensor's shape but that shape comparison cannot see (built separately).
@@ -35,8 +39,8 @@ _NOT_IN_SKELETON = ("adapter",)
 
 
 def checkpoint_directory(source: str) -> Path:
-    """The local directory of ``train.init_from``: a checkpoint dir, a run dir's ``final/``, or a Hub snapshot
-    (``hf-hub:ORG/NAME@REV`` downloads into the Hugging Face cache, or finds it there offline)."""
+    """The local directory of ``train.init_from``: a checkpoint or adapter dir, a run dir's ``final/``, or a
+    Hub snapshot (``hf-hub:ORG/NAME@REV`` downloads into the Hugging Face cache, or finds it there offline)."""
     if source.startswith(HUB_PREFIX):
         repo, _, revision = source[len(HUB_PREFIX):].partition("@")
         try:
@@ -45,14 +49,27 @@ def checkpoint_directory(source: str) -> Path:
             raise ConfigError(f"train.init_from: {source!r} could not be fetched: {err}") from err
     path = Path(source).expanduser()
     for candidate in (path, path / "final"):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or is_adapter_dir(candidate):
             return candidate
-    raise ConfigError(f"train.init_from: {source!r} is neither a checkpoint directory (with config.json), a run "
-                      "directory with final/config.json, nor hf-hub:ORG/NAME[@REVISION]")
+    raise ConfigError(f"train.init_from: {source!r} is neither a checkpoint directory (config.json), an adapter "
+                      "directory (adapter_config.json), a run directory with either in final/, nor "
+                      "hf-hub:ORG/NAME[@REVISION]")
+
+
+def base_directory(directory: Path) -> Path:
+    """The checkpoint directory of the base an adapter directory names (itself for a model checkpoint)."""
+    if not is_adapter_dir(directory):
+        return directory
+    try:
+        return checkpoint_directory(adapter_base(directory))
+    except CheckpointError as err:
+        raise ConfigError(f"train.init_from: {err}") from err
 
 
 def checkpoint_model_section(directory: Path) -> dict:
-    """The plain ``model`` section of the checkpoint in ``directory`` (a transformers one converted)."""
+    """The plain ``model`` section of the checkpoint in ``directory`` (a transformers one converted; an
+    adapter's base's, without the adapter)."""
+    directory = base_directory(directory)
     try:
         config = read_json(directory / "config.json")
         if "model_type" in config:
@@ -75,10 +92,14 @@ def resolve_init_from(raw: dict) -> dict:
     if not isinstance(overrides, dict):
         raise ConfigError(f"model: expected a mapping of overrides of the checkpoint's model, got {overrides!r}")
     merged = _merge(stored, overrides)
+    grown = merged.get("vocab_size")  # a larger vocabulary is grown by load_initial_model, not a shape error
+    if isinstance(grown, int) and not isinstance(grown, bool) and grown > stored["vocab_size"]:
+        stored = {**stored, "vocab_size": grown}
     _check_shapes(stored, merged, str(source))
     raw = {**raw, "model": merged}
-    tokenizer = directory / TOKENIZER_FILE
-    if tokenizer.is_file():
+    tokenizer = next((d / TOKENIZER_FILE for d in (directory, base_directory(directory))
+                      if (d / TOKENIZER_FILE).is_file()), None)
+    if tokenizer is not None:
         data = dict(train.get("data") or {})
         given = data.get("tokenizer")
         if given not in (None, str(tokenizer)):
@@ -142,30 +163,47 @@ def _nested(dotted: str, value) -> dict:
     return out
 
 
-def load_initial_model(config: ModelConfig, source: str, vocab_size: int) -> tuple[nn.Module, bool]:
-    """``(model, changed)``: the model of ``config`` (the resolved run config's ``model``) without its adapter,
-    with the weights of ``train.init_from``, grown to ``vocab_size`` ids (:func:`grow_vocabulary`).
+@dataclass
+class InitialModel:
+    """What :func:`load_initial_model` gives a run."""
 
-    An adapter the checkpoint holds is merged into its weights (:func:`zoo.adapters.merge_adapter`): the SFT
-    model a DPO run starts from is its base, and its reference. ``changed`` says whether the result differs
-    from the checkpoint's base (grown or merged): an adapter trained over it then needs it saved to name it."""
-    stored, state_dict = read_checkpoint(checkpoint_directory(source))
-    base_config = replace(config, adapter=None)
-    base_names = set(build_skeleton(base_config).state_dict())
-    model = load_model(base_config, {k: v for k, v in state_dict.items() if k in base_names}, source)
-    changed = stored.adapter is not None
-    if changed:
-        add_adapter(model, stored.adapter)
-        adapter_tensors = {k: v for k, v in state_dict.items() if k not in base_names}
-        missing = sorted(set(adapter_state_dict(model)) - set(adapter_tensors))
-        if missing:
-            raise CheckpointError(f"checkpoint {source!r} names adapter {stored.adapter.type!r} but lacks its "
-                                  f"tensors {missing[:5]}")
-        model.load_state_dict(adapter_tensors, strict=False)
-        merge_adapter(model)
-    changed |= vocab_size > model.config.vocab_size
-    grow_vocabulary(model, vocab_size)
-    return model, changed
+    model: nn.Module  # the checkpoint's weights in the run's model, without its adapter, grown
+    changed: bool  # differs from the checkpoint's base (grown or merged): an adapter over it needs it saved
+    added_tokens: list[int]  # the ids the vocabulary grew by
+
+
+def load_initial_model(config: ModelConfig, source: str, vocab_size: int) -> InitialModel:
+    """The model of ``config`` (the resolved run config's ``model``) without its adapter, with the weights of
+    ``train.init_from``, grown to ``vocab_size`` ids (and ``config.vocab_size``; :func:`grow_vocabulary`).
+
+    An adapter the checkpoint holds (an adapter directory, or a full checkpoint keeping ``model.adapter``) is
+    merged into its weights (:func:`zoo.adapters.merge_adapter`): the SFT model a DPO run starts from is its
+    base, and its reference."""
+    checkpoint = from_pretrained(checkpoint_directory(source))
+    merged = has_adapter(checkpoint)
+    if merged:
+        merge_adapter(checkpoint)
+    stored_vocab = checkpoint.config.vocab_size
+    base_config = replace(config, adapter=None, vocab_size=stored_vocab)
+    model = load_model(base_config, checkpoint.state_dict(), source)
+    grow_vocabulary(model, max(vocab_size, config.vocab_size or 0))
+    added = list(range(stored_vocab, model.config.vocab_size))
+    return InitialModel(model, merged or bool(added), added)
+
+
+def init_from_base(source: str) -> str:
+    """How an adapter trained over the unchanged checkpoint of ``train.init_from`` names it: the absolute path
+    of its directory (the run's working directory may not be the loader's), or the ``hf-hub:`` name."""
+    return source if source.startswith(HUB_PREFIX) else str(checkpoint_directory(source).resolve())
+
+
+def with_trainable_tokens(spec: BlockSpec, token_ids: list[int]) -> BlockSpec:
+    """``spec`` (``model.adapter``) also training the embedding and output rows of ``token_ids`` when the
+    adapter has the ``trainable_tokens`` option (:mod:`zoo.adapters.tokens`); unchanged otherwise."""
+    if not token_ids or "trainable_tokens" not in {f.name for f in fields(spec.options)}:
+        return spec
+    ids = sorted(set(spec.options.trainable_tokens) | set(token_ids))
+    return replace(spec, options=replace(spec.options, trainable_tokens=ids))
 
 
 def grow_vocabulary(model: nn.Module, vocab_size: int) -> nn.Module:

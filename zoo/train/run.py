@@ -2,13 +2,15 @@
 
 The resolved config as ``out_dir/run_config.yaml``, tokenizer and token caches (or chat/preference records,
 :mod:`zoo.train.chat_data`), the model (``vocab_size`` following the tokenizer when unset; with
-``train.init_from`` the checkpoint's weights, grown by the tokens the run's tokenizer added), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices,
-strategy, ...), resumable checkpoints at ``out_dir/checkpoints/last.ckpt``, then the export to
-``out_dir/final`` (``save_pretrained`` with ``tokenizer.json`` and ``run_config.yaml``; under ``train.parallel``
-``last.ckpt`` is a directory of per-rank shards and ``final`` the weights gathered from them), ``loss.png`` (and
-``expert_load.png`` for MoE models) and a generated sample. The caller's config is never changed: the
-resolved one (``out_dir``, ``vocab_size``, the ``precision`` chosen for ``auto``) is a new object, returned
-in the result and written.
+``train.init_from`` the checkpoint's weights, grown by the tokens the run's tokenizer added, an adapter over
+them training those rows too), ``lightning.Trainer`` (``train.trainer.*`` passes through: devices, strategy,
+...), resumable checkpoints at ``out_dir/checkpoints/last.ckpt``, then the export to ``out_dir/final``
+(``save_pretrained`` with ``tokenizer.json`` and ``run_config.yaml``: adapter files naming the base when an
+adapter trained over a loaded base, the grown or merged one the run saved as ``out_dir/base`` named
+``../base``; under ``train.parallel`` ``last.ckpt`` is a directory of per-rank shards and ``final`` the
+weights gathered from them), ``loss.png`` (and ``expert_load.png`` for MoE models) and a generated sample.
+The caller's config is never changed: the resolved one (``out_dir``, ``vocab_size``, the ``precision`` chosen
+for ``auto``, an adapter's ``trainable_tokens``) is a new object, returned in the result and written.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from zoo.train.callbacks import ResumableCSVLogger, RunControl
 from zoo.train.chat_data import ChatDataModule, chat_sample
 from zoo.train.config import ZooConfig
 from zoo.train.data import ZooDataModule
-from zoo.train.init_from import load_initial_model
+from zoo.train.init_from import init_from_base, load_initial_model, with_trainable_tokens
 from zoo.train.metrics import perplexity
 from zoo.model import build_model
 from zoo.train.module import ZooLightningModule
@@ -131,12 +133,20 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     datamodule = ZooDataModule(config) if train_cfg.data.format == "text" else ChatDataModule(config)
     tokenizer = datamodule.tokenizer
     model = None
+    saved_base = None  # how the final adapter export names its base, when the run saved it (relative: movable)
     if train_cfg.init_from:  # the checkpoint's weights; rows for tokens the run's tokenizer added (chat markers)
-        model, base_changed = load_initial_model(config.model, train_cfg.init_from, tokenizer.vocab_size)
+        initial = load_initial_model(config.model, train_cfg.init_from, tokenizer.vocab_size)
+        model = initial.model
         config = replace(config, model=replace(config.model, vocab_size=model.config.vocab_size))
-        if config.model.adapter is not None:  # over a base that is not the checkpoint's: saved to be named
-            base = str(_save_base(model, out_dir / "base", tokenizer).resolve()) if base_changed else train_cfg.init_from
-            add_adapter(model, config.model.adapter, base=base)
+        if config.model.adapter is not None:
+            adapter = with_trainable_tokens(config.model.adapter, initial.added_tokens)
+            config = replace(config, model=replace(config.model, adapter=adapter))
+            if initial.changed:  # over a base that is not the checkpoint's: saved beside final/ to be named
+                base = str(_save_base(model, out_dir / "base", tokenizer).resolve())
+                saved_base = "../base"
+            else:
+                base = init_from_base(train_cfg.init_from)
+            add_adapter(model, adapter, base=base)
     elif config.model.vocab_size is None:
         config = replace(config, model=replace(config.model, vocab_size=tokenizer.vocab_size))
     elif config.model.vocab_size < tokenizer.vocab_size:
@@ -171,13 +181,14 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
         model = build_model(config.model)
         model.load_state_dict(state)
         model = model.float().eval()
+        model.adapter_base = getattr(module.model, "adapter_base", None)  # adapter files, as unsharded runs export
     else:
         model = unwrap_blocks(module.model.float().cpu().eval())  # exported and sampled as a plain model
     data = train_cfg.data
     extra_files = {"tokenizer.json": tokenizer.to_json(), "run_config.yaml": config.to_yaml()}
     if tokenizer.tokenizer_config() is not None:
         extra_files[TOKENIZER_CONFIG] = tokenizer.tokenizer_config()
-    model.save_pretrained(out_dir / "final", extra_files=extra_files,
+    model.save_pretrained(out_dir / "final", extra_files=extra_files, adapter_base=saved_base,
                           training={"name": config.name, "steps": steps, "val_loss": val_loss, "corpus": data.corpus,
                                     "tokenizer": data.tokenizer, "seq_len": data.seq_len})
     if config.hub.push:
@@ -189,6 +200,7 @@ def _train(config: ZooConfig, resume_path: Path | None, callbacks) -> TrainResul
     elif train_cfg.sample_tokens > 0:
         result.sample = generate_sample(model, tokenizer, datamodule.prepare().val, train_cfg.sample_tokens,
                                         train_cfg.seed)
+    if result.sample is not None:
         print(f"--- sample (step {steps}) ---\n{result.sample}\n---")
     if val_loss is not None:
         print(f"final validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) at step {steps}; "
