@@ -48,13 +48,14 @@ def run_quick(names: list[str], results_dir: Path, log_dir: Path, timeout: float
             running[worker.sentinel] = (worker, time.perf_counter())
         wait(list(running), timeout=1.0)
         for sentinel, (worker, start) in list(running.items()):
-            overdue = timeout is not None and time.perf_counter() - start > timeout
-            if worker.exitcode is None and not overdue:
+            done = worker.exitcode is not None
+            overdue = not done and timeout is not None and time.perf_counter() - start > timeout
+            if not (done or overdue):
                 continue
-            if worker.exitcode is None:
+            if overdue:
                 worker.kill()
                 with (log_dir / f"{worker.name}.log").open("a") as f:
-                    f.write(f"\n(killed: still running after {timeout:.0f} s)\n")
+                    f.write(f"\n(killed: still running after {timeout:g} s)\n")
             worker.join()
             while not reports.empty():
                 name, seconds = reports.get()
