@@ -99,14 +99,29 @@ BAND_LABEL = "mean (min–max over seeds)"
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
 
+class ReproductionParser(argparse.ArgumentParser):
+    """An argument parser whose ``--seeds`` defaults to ``full_seeds``, or to 1 with ``--quick`` (a quick pass
+    checks the plumbing: one seed runs every code path that several do)."""
+
+    def __init__(self, full_seeds: int, **kwargs):
+        super().__init__(**kwargs)
+        self.full_seeds = full_seeds
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.seeds is None:
+            parsed.seeds = 1 if parsed.quick else self.full_seeds
+        return parsed
+
+
 def reproduction_parser(doc: str, seeds: int = 3, steps: bool = True) -> argparse.ArgumentParser:
     """The command line every reproduction shares: ``--quick``, ``--steps N`` (unless ``steps=False``: a
-    script that sets each run's steps itself) and ``--seeds N`` (default 3)."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short pass on a small corpus (under 2 minutes)")
+    script that sets each run's steps itself) and ``--seeds N`` (default ``seeds``; 1 with ``--quick``)."""
+    parser = ReproductionParser(seeds, description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a seconds-long pass on a small corpus, one seed")
     if steps:
         parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the script's)")
-    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per variant (default {seeds})")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {seeds}; 1 with --quick)")
     return parser
 
 

@@ -35,8 +35,8 @@ from benchmarks._common import alternate, bar_plot, print_table, save, summary, 
 SHAPE = dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
              num_attention_heads=10, num_key_value_heads=5, max_position_embeddings=2048,
              tie_word_embeddings=False, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=None)
-QUICK = dict(SHAPE, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-             num_key_value_heads=4, vocab_size=8000)
+QUICK = dict(SHAPE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512)  # plumbing only: a minuscule model
 
 
 def make_checkpoint(shape: dict, path: Path) -> int:
@@ -217,7 +217,7 @@ def result_tables(result: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a 4-layer model, one repeat")
+    parser.add_argument("--quick", action="store_true", help="a minuscule 2-layer model, one repeat, 4 new tokens")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--measure-load", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
@@ -231,7 +231,7 @@ def main() -> None:
         return
     shape = QUICK if args.quick else SHAPE
     repeats = args.repeats or (1 if args.quick else 5)
-    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    new_tokens = args.new_tokens or (4 if args.quick else 64)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llama"
         n_params = make_checkpoint(shape, path)

@@ -28,7 +28,8 @@ from benchmarks._common import (RESULTS, alternate, matmul_peak_flops, peer_trai
 
 SHAPE = dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, n_experts=8, top_k=2, d_hidden=896,
              vocab=32000, batch=8, seq=256)
-QUICK_SHAPE = dict(SHAPE, n_layers=2, d_hidden=256, vocab=2048, batch=2, seq=128)  # checks the plumbing only
+QUICK_SHAPE = dict(SHAPE, d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_hidden=64, vocab=256, batch=2,
+                   seq=32)  # checks the plumbing only
 
 
 def zoo_model(s):
@@ -133,7 +134,7 @@ def result_tables(results: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small shape, 3 repeats of 1 step")
+    parser.add_argument("--quick", action="store_true", help="a minuscule shape, 2 repeats of 1 step")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model")
@@ -142,7 +143,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
+    repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
+    peak_size = 256 if args.quick else 2048  # the side of the square matmul timed for the bf16 peak
     s = QUICK_SHAPE if args.quick else SHAPE
     torch.manual_seed(0)
     models = {"zoo": zoo_model(s), "transformers grouped_mm": hf_model(s, "grouped_mm"),
@@ -152,9 +154,9 @@ def main() -> None:
             for name, model in models.items()}
     if args.profile:
         profile(runs)
-    peak = matmul_peak_flops()
+    peak = matmul_peak_flops(n=peak_size)
     timings = alternate(runs, repeats)
-    peak = (peak + matmul_peak_flops()) / 2  # before and after, as load drifts
+    peak = (peak + matmul_peak_flops(n=peak_size)) / 2  # before and after, as load drifts
     flops = {name: 6 * active_matmul_params(m, s) + 12 * s["n_layers"] * s["d_model"] * s["seq"]
              for name, m in models.items()}
     layer_runs = {name: layer_stepper(m.blocks[0].ffn if name == "zoo" else m.model.layers[0].mlp, s, 4 * steps,

@@ -7,7 +7,10 @@ clean peak-RSS counter): eager, compiled blocks, and eager with every block reco
 tokens/s (median of repeats after the compile / warm-up step), the compiled step's speedup, the first step's
 time (compilation), the final loss (equal within bf16 rounding), and the peak resident memory the steps added
 (``ru_maxrss`` after minus before; gradients, AdamW state, activations) beside what ``zoo.train.plan`` says for
-the same three parts (``gradients + optimizer + activations``).
+the same three parts (``gradients + optimizer + activations``). ``--quick`` checks the plumbing in seconds:
+``dense-tiny`` alone, 2 layers, 2 x 32 tokens, blocks compiled with the ``aot_eager`` backend (TorchDynamo
+capture + AOT autograd, no code generation: a cold Inductor compile of even one tiny block costs ~40
+CPU-seconds; ``tests/test_block_wrappers.py`` has that check behind ``ZOO_TEST_INDUCTOR``).
 
 GPU (when CUDA exists): MFU of ``dense-125m`` and ``deepseek-moe-1b`` with and without compile (PaLM's
 ``6 N_active + 12 L d T`` FLOPs per token over the device's nominal bf16 peak, as ``gpu_suite``), with
@@ -34,10 +37,16 @@ from zoo.train.plan import plan_memory
 
 VARIANTS = {"eager": ("none", False), "compile": ("none", True), "checkpointed": ("full", False)}
 CPU_PRESETS = ("dense-tiny", "deepseek-moe-tiny")
+QUICK_CPU_PRESETS = ("dense-tiny",)  # its compile is the cheapest (MoE blocks recompile per routing shape)
+
+
+def compile_backend(quick: bool) -> str:
+    """The ``torch.compile`` backend of the compiled variant: Inductor, or ``aot_eager`` for ``--quick``."""
+    return "aot_eager" if quick else "inductor"
 
 
 def cpu_shape(quick: bool) -> dict:
-    return {"n_layers": 2, "batch": 4, "seq": 128, "steps": 2, "repeats": 3} if quick else \
+    return {"n_layers": 2, "batch": 2, "seq": 32, "steps": 1, "repeats": 2} if quick else \
         {"n_layers": 4, "batch": 8, "seq": 256, "steps": 3, "repeats": 5}
 
 
@@ -47,7 +56,7 @@ def run_variant(preset: str, variant: str, quick: bool) -> dict:
     s = cpu_shape(quick)
     model = zoo.create_model(preset, n_layers=s["n_layers"], vocab_size=257, max_seq_len=s["seq"])
     ac, compiled = VARIANTS[variant]
-    wrap_blocks(model.train(), ac, compiled)
+    wrap_blocks(model.train(), ac, compiled, backend=compile_backend(quick))
     ids = torch.randint(0, 257, (s["batch"], s["seq"]))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
@@ -72,7 +81,7 @@ def planned(preset: str, variant: str, quick: bool) -> int:
 
 def cpu_rows(quick: bool) -> tuple[list, dict]:
     results = {}
-    for preset in CPU_PRESETS:
+    for preset in QUICK_CPU_PRESETS if quick else CPU_PRESETS:
         for variant in VARIANTS:
             cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--variant", preset, variant] + (
                 ["--quick"] if quick else [])
@@ -85,7 +94,8 @@ def cpu_rows(quick: bool) -> tuple[list, dict]:
         for variant, r in by_variant.items():
             rate = r["tokens_per_sec"]
             rows.append([preset, variant, rate, rate["median"] / eager, r["first_step_s"], r["loss"],
-                         r["peak_rss_added"] / 2**20, r["planned"] / 2**20, r["planned"] / r["peak_rss_added"] - 1])
+                         r["peak_rss_added"] / 2**20, r["planned"] / 2**20,
+                         r["planned"] / r["peak_rss_added"] - 1 if r["peak_rss_added"] else None])
     return rows, results
 
 
@@ -151,13 +161,15 @@ def main() -> None:
                 for p, r in cpu_results.items()}
     costs = {p: 1 - r["checkpointed"]["tokens_per_sec"]["median"] / r["eager"]["tokens_per_sec"]["median"]
              for p, r in cpu_results.items()}
-    reading = ("Compiled blocks ran the step " + ", ".join(f"{v:.2f}x ({p})" for p, v in speedups.items())
+    reading = (f"Compiled blocks ({compile_backend(args.quick)}) ran the step "
+               + ", ".join(f"{v:.2f}x ({p})" for p, v in speedups.items())
                + " the eager speed (goal 1.3x); recomputing every block cost "
                + ", ".join(f"{100 * v:.0f}% of the eager rate ({p})" for p, v in costs.items()) + ".")
     plot = bar_plot("bench_scale" + ("_quick" if args.quick else ""), "Training step on CPU (bf16 autocast)",
                     [(p, "tokens/s", {v: r[v]["tokens_per_sec"] for v in VARIANTS}) for p, r in cpu_results.items()])
     save("bench_scale" + ("_quick" if args.quick else ""), {
-        "quick": args.quick, "shape": cpu_shape(args.quick), "cpu": cpu_results, "gpu": gpu_results or None,
+        "quick": args.quick, "shape": cpu_shape(args.quick), "compile_backend": compile_backend(args.quick),
+        "cpu": cpu_results, "gpu": gpu_results or None,
         "reading": reading, "plots": [plot], "tables": tables,
         "table": table("CPU: eager vs compiled vs checkpointed blocks, planner vs measured peak", columns, cpu)})
     print(reading)

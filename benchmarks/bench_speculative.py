@@ -86,7 +86,7 @@ def agreement(model, config, windows: int, length: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny shape and few steps (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="a tiny shape and few steps (seconds)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached checkpoints")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for decoding (default 1)")

@@ -24,6 +24,7 @@ SHAPES = {
     "dense-tiny": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_hidden=704, batch=16, seq=256),
     "d512-l8": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_hidden=1408, batch=8, seq=256),
 }
+QUICK_SHAPES = {"d64-l1": dict(d_model=64, n_layers=1, n_heads=4, n_kv_heads=2, d_hidden=128, batch=2, seq=32)}
 VOCAB = 257
 
 
@@ -94,14 +95,15 @@ def plot(payload: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats of 1 step")
+    parser.add_argument("--quick", action="store_true", help="one minuscule shape, 2 repeats of 1 step")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    shapes = {"dense-tiny": SHAPES["dense-tiny"]} if args.quick else SHAPES
-    repeats, steps = (3, 1) if args.quick else (args.repeats, args.steps)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    repeats, steps = (2, 1) if args.quick else (args.repeats, args.steps)
     picked, why = resolve_precision("auto", "cpu")
-    peaks = {precision: matmul_peak_flops(dtype) for precision, dtype in PRECISIONS.items()}
+    peak_size = 256 if args.quick else 2048  # the side of the square matmul timed for each precision's peak
+    peaks = {precision: matmul_peak_flops(dtype, n=peak_size) for precision, dtype in PRECISIONS.items()}
     results, rows = {}, []
     for name, s in shapes.items():
         results[name] = {}

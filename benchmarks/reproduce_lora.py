@@ -206,7 +206,7 @@ def reading(losses: dict, fractions: dict, speed: dict, saved: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a minutes-long pass on a few modules")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long pass on a few modules, one seed")
     args = parser.parse_args()
     seeds = [0] if args.quick else [0, 1, 2]
     start = time.perf_counter()

@@ -13,7 +13,7 @@ RetNet behind, which the reason then says.
 
 Full setting: 300 steps of 8 x 128 bytes, 2 models x 3 seeds = 6 runs plus the decode timing. Estimated wall
 time on the quiet 2-core machine of ``benchmarks/results``: ~4 minutes (the single-seed run took 63 s);
-``--quick``: ~1 minute.
+``--quick`` (one seed): seconds.
 Run from the repository root:
 ``python -m benchmarks.reproduce_retnet_vs_transformer [--quick] [--steps N] [--seeds N]``.
 """

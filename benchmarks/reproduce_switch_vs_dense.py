@@ -19,8 +19,8 @@ Switch's (every other FFN) loss band at equal compute lies below dense's, not re
 Full setting: 600 steps of 8 x 128 bytes per run, 2 widths x 3 models x 3 seeds = 18 runs. Estimated wall
 time on a quiet 2-core machine: ~11 minutes (12 full-size steps of each model timed beside dense-tiny's on a
 loaded machine, scaled by dense-tiny's quiet 0.086 s per step: ~0.03 s per step at width 64 for dense and
-Switch alike, ~0.07 s at width 128); ``--ablations`` adds 10 runs at width 64 (~4 minutes); ``--quick``:
-~1.5 minutes on a quiet machine.
+Switch alike, ~0.07 s at width 128); ``--ablations`` adds 10 runs at width 64 (~4 minutes); ``--quick``
+(one seed): seconds.
 Run from the repository root:
 ``python -m benchmarks.reproduce_switch_vs_dense [--quick] [--steps N] [--seeds N] [--ablations]``.
 """
