@@ -122,9 +122,6 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 grad_down.to(ctx.param_dtype), None)
 
 
-_grouped_swiglu_eager = torch.compiler.disable(_GroupedSwiGLU.apply)
-
-
 class Experts(nn.Module):
     """``n_experts`` SwiGLU experts ``d_model -> d_hidden -> d_model`` stored as packed tensors.
 
@@ -159,8 +156,10 @@ class Experts(nn.Module):
         if self._use_grouped_mm(dtype):
             if x.device.type == "cpu":
                 pairs = pad_groups(pairs, x.shape[0], CPU_ROW_ALIGN)
-            # Dynamo's fake _grouped_mm accepts bfloat16 only: under torch.compile other dtypes run it eagerly.
-            grouped = _GroupedSwiGLU.apply if dtype == torch.bfloat16 else _grouped_swiglu_eager
+            grouped = _GroupedSwiGLU.apply
+            if dtype != torch.bfloat16 and torch.compiler.is_compiling():  # Dynamo's fake _grouped_mm takes bf16
+                grouped = torch.compiler.disable(grouped)  # only: run it outside the graph (made here, not at import:
+                # disable() imports Dynamo, which `import zoo` must not pay for)
             return grouped(x, pairs.token, pairs.weight, pairs.offsets, gate_up_proj, down_proj, dtype)
         rows = x[pairs.token].to(dtype)  # (S, d)
         y = _loop_experts(rows, gate_up_proj.to(dtype), down_proj.to(dtype), pairs.counts)
