@@ -41,14 +41,9 @@ def _config(layout: Layout, family: Family) -> dict:
 
 
 def _tensors(layout: Layout, t: ZooTensors) -> None:
-    attention, mlp = layout.mixer.options, layout.mlp.options
-    head_dim = attention.dim_per_head(layout.d_model)
-    mapping.embeddings_and_head(t, layout.config.tie_embeddings)
-    for i in range(layout.config.n_layers):
-        mapping.layer_norms(t, i)
-        mapping.gqa_attention(t, i, attention.qkv_bias, attention.n_heads * head_dim, attention.kv_heads * head_dim,
-                              attention.qk_norm)
-        mapping.swiglu(t, f"blocks.{i}.ffn", f"model.layers.{i}.mlp", mlp.bias)
+    config = layout.config
+    for i in mapping.attention_layers(t, layout.mixer.options, layout.d_model, config.n_layers, config.tie_embeddings):
+        mapping.swiglu(t, f"blocks.{i}.ffn", f"model.layers.{i}.mlp", layout.mlp.options.bias)
 
 
 def _family(name: str, architecture: str, qkv_bias: bool, mlp_bias: bool | None, qk_norm: str | None = None,

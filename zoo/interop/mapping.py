@@ -69,6 +69,18 @@ def gqa_attention(t: ZooTensors, i: int, bias: bool, q_dim: int, kv_dim: int, qk
         t.move(f"{src}.k_norm.weight", f"{dst}.k_norm.weight")
 
 
+def attention_layers(t: ZooTensors, attention, d_model: int, n_layers: int, tie_embeddings: bool):
+    """The embeddings and head, then each layer's norms and GQA attention (``attention``: the layers' attention
+    options); yields each layer index for the family's FFN mapping."""
+    head_dim = attention.dim_per_head(d_model)
+    embeddings_and_head(t, tie_embeddings)
+    for i in range(n_layers):
+        layer_norms(t, i)
+        gqa_attention(t, i, attention.qkv_bias, attention.n_heads * head_dim, attention.kv_heads * head_dim,
+                      attention.qk_norm)
+        yield i
+
+
 def swiglu(t: ZooTensors, src: str, dst: str, bias: bool = False) -> None:
     """zoo's fused ``gate_up`` (gate rows first) and ``down`` -> gate_proj/up_proj/down_proj."""
     for kind in ("weight", "bias") if bias else ("weight",):
