@@ -149,3 +149,24 @@ def test_registration_waits_for_the_first_import(monkeypatch, tmp_path):
     package = importlib.import_module("fake_transformers")
     assert package.order == ["package", "registered"]
     assert not any(isinstance(f, registration._TransformersFinder) for f in sys.meta_path)
+
+
+def test_lm_eval_hf_model_scores_the_exported_model(exported, monkeypatch):
+    """lm-eval's own ``hf`` model (HFLM, not zoo's registered ``zoo`` model) loads the export through the Auto
+    classes and gives zoo's log-likelihoods (lm-eval moves a context's trailing spaces into the continuation)."""
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, path, _ = exported
+    lm = huggingface.HFLM(pretrained=str(path), batch_size=2, device="cpu", dtype="float32")
+    requests = [("def f(x):", " return x"), ("import", " os")]
+    scores = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(requests)])
+    tokenizer = ByteTokenizer()
+    for (context, continuation), (score, _) in zip(requests, scores):
+        ids = tokenizer.encode(context) + tokenizer.encode(continuation)
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits.log_softmax(-1)[0]
+        start = len(tokenizer.encode(context))
+        direct = sum(logp[start - 1 + j, t].item() for j, t in enumerate(ids[start:]))
+        assert score == pytest.approx(direct, abs=1e-4)
