@@ -11,7 +11,7 @@ dispatch's FLOPs included): Switch's loss is read off its validation curve at th
 FLOPs. Per layer and over training, :class:`benchmarks._routing.RouterTrace` records the fraction of tokens
 dropped at capacity, the router entropy and each expert's load (plotted for seed 0).
 
-``--ablations`` adds single-seed rows at the smallest width (Switch every other FFN): capacity factor 1.0,
+The full setting adds single-seed ablation rows at the smallest width (Switch every other FFN): capacity factor 1.0,
 2.0 and dropless (capacity = every token), expert init scale 1.0 (vs 0.1), learning rate x0.5 and x2, 2 and 4
 experts (vs 8), auxiliary weight 0 and 0.1 (vs 0.01). The verdict (from the smallest width): reproduced when
 Switch's (every other FFN) loss band at equal compute lies below dense's, not reproduced when above.
@@ -19,10 +19,10 @@ Switch's (every other FFN) loss band at equal compute lies below dense's, not re
 Full setting: 600 steps of 8 x 128 bytes per run, 2 widths x 3 models x 3 seeds = 18 runs. Estimated wall
 time on a quiet 2-core machine: ~11 minutes (12 full-size steps of each model timed beside dense-tiny's on a
 loaded machine, scaled by dense-tiny's quiet 0.086 s per step: ~0.03 s per step at width 64 for dense and
-Switch alike, ~0.07 s at width 128); ``--ablations`` adds 10 runs at width 64 (~4 minutes); ``--quick``
-(one seed): seconds.
+Switch alike, ~0.07 s at width 128), plus ~4 minutes for the 10 ablation runs at width 64 (``--no-ablations``
+skips them); ``--quick`` (one seed, no ablations): seconds.
 Run from the repository root:
-``python -m benchmarks.reproduce_switch_vs_dense [--quick] [--steps N] [--seeds N] [--ablations]``.
+``python -m benchmarks.reproduce_switch_vs_dense [--quick] [--steps N] [--seeds N] [--no-ablations]``.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = reproduction_parser(__doc__)
-    parser.add_argument("--ablations", action="store_true", help="add the single-seed ablation rows")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the single-seed ablation rows")
     args = parser.parse_args()
     b = budget(args.quick, args.steps or (None if args.quick else STEPS))
     results, ablations = {}, {}
@@ -210,7 +210,7 @@ def main() -> None:
             for m in MODELS[1:]:
                 results[w][m] = compare(model_spec(m, w), b, Path(tmp) / f"d{w}{m.replace(' ', '_')}", args.seeds,
                                         dense)
-        if args.ablations:
+        if not (args.quick or args.no_ablations):
             for label, extra in ABLATIONS.items():
                 ablations[label] = compare(model_spec("switch every other FFN", WIDTHS[0]), b,
                                            Path(tmp) / label.replace(" ", "_"), 1, results[WIDTHS[0]]["dense"], extra)

@@ -170,3 +170,82 @@ def test_lm_eval_hf_model_scores_the_exported_model(exported, monkeypatch):
         start = len(tokenizer.encode(context))
         direct = sum(logp[start - 1 + j, t].item() for j, t in enumerate(ids[start:]))
         assert score == pytest.approx(direct, abs=1e-4)
+
+
+def test_base_model_gives_the_hidden_states_the_head_turns_into_logits(exported):
+    """``base_model`` is transformers' base-model contract (what TRL's fused LM head calls): the final norm's
+    output, which the output embeddings turn into the wrapper's logits; left padding as in ``forward``."""
+    _, _, hf = exported
+    ids, mask = left_padded([torch.randint(0, 256, (6,)), torch.randint(0, 256, (4,))])
+    with torch.no_grad():
+        hidden = hf.base_model(ids, attention_mask=mask, use_cache=False).last_hidden_state
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(hf.get_output_embeddings()(hidden), expected)
+        positions = torch.arange(6).expand(2, 6)
+        hf.base_model(ids, position_ids=positions)  # each row from 0: what an unpacked batch passes
+        with pytest.raises(ValueError, match="packing=False"):
+            hf.base_model(ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2))
+    assert hf.base_model.model is hf.model and "base_model" not in dict(hf.named_children())
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_changes_no_gradient(exported):
+    _, path, _ = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).train()
+    ids = torch.randint(0, 256, (2, 9))
+
+    def loss_grads_and_block_calls():
+        calls = []
+        hooks = [b.mixer.register_forward_pre_hook(lambda *_: calls.append(1)) for b in hf.model.blocks]
+        hf.zero_grad()
+        loss = hf(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        return loss.detach(), {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None}, len(calls)
+
+    plain = loss_grads_and_block_calls()
+    hf.gradient_checkpointing_enable()
+    assert hf.is_gradient_checkpointing
+    checkpointed = loss_grads_and_block_calls()
+    assert checkpointed[2] == 2 * plain[2]  # every block's mixer ran again in backward
+    assert torch.equal(checkpointed[0], plain[0]) and checkpointed[1].keys() == plain[1].keys()
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    hf.gradient_checkpointing_disable()
+    assert not hf.is_gradient_checkpointing and loss_grads_and_block_calls()[2] == plain[2]
+
+
+def test_trl_sft_trainer_trains_the_wrapped_model(exported, tmp_path):
+    """TRL's ``SFTTrainer`` (its fused LM head through ``base_model``) trains a zoo model, gradient
+    checkpointing on or off: the same losses either way, and the weights move. ``ZooTrainerCallback`` moves
+    the hybrid's loss-free router biases after each step; without it they stay put."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from zoo.interop.hf import ZooTrainerCallback
+
+    _, path, _ = exported
+    data = datasets.Dataset.from_dict({"text": ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n"] * 4})
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    losses = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}
+        before["embed"] = model.model.embed.weight.clone()
+        args = trl.SFTConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=2, per_device_train_batch_size=2,
+                             gradient_checkpointing=checkpointing, use_cpu=True, report_to=[], logging_steps=1,
+                             max_length=32, save_strategy="no", disable_tqdm=True)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                 callbacks=[ZooTrainerCallback()] if checkpointing else [])
+        trainer.train()
+        losses[checkpointing] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        after = {n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}
+        assert not torch.equal(model.model.embed.weight, before.pop("embed"))
+        for name, bias in before.items():  # moved by gamma per step with the callback, untouched without it
+            moved = (after[name] - bias).abs().max().item()
+            assert moved == (pytest.approx(2 * 3e-3) if checkpointing else 0.0), name
+    assert len(losses[False]) == 2 and all(0 < loss < 10 for loss in losses[False])
+    assert ("hybrid" in str(path)) == bool(before)  # the hybrid has loss-free routers, RetNet none
+    # checkpointing changes no loss; the callback's moved biases route the hybrid's second step differently
+    compared = 1 if before else 2
+    assert losses[True][:compared] == pytest.approx(losses[False][:compared], rel=1e-5)

@@ -18,22 +18,38 @@ told each row's padding (:class:`~zoo.blocks.state.DecodingState`'s ``left_pad``
 pads out and each row reads and decodes as it would alone. Right padding is accepted where it changes
 nothing (a cache-less pass: causal positions never see later pads).
 
+Two seams serve the trainers. ``base_model`` is a :class:`ZooBackbone`, the model without its head: transformers'
+``(input_ids, attention_mask) -> last_hidden_state`` contract, which TRL's ``SFTTrainer`` calls to score the head
+in chunks (its fused log-probabilities). ``gradient_checkpointing=True`` (``activation_checkpointing_enable``)
+recomputes each decoder block in backward with :func:`zoo.train.block_wrappers.recomputed`, so the router still
+counts each token once. :class:`ZooTrainerCallback` gives transformers' ``Trainer`` (and TRL's) what zoo's
+trainer does after each optimizer step: the loss-free router bias update (:meth:`zoo.blocks.router.Router.
+on_optimizer_step`). A trainer other than zoo's scores what its loss says: TRL's fused head scores the
+language-model cross-entropy only (no balancing or MTP term).
+
 This module imports transformers; :mod:`zoo.interop.registration` imports it when transformers is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel,
+                          TrainerCallback)
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from zoo.blocks.auxiliary import AuxCollector
 from zoo.blocks.state import DecodingState
 from zoo.checkpoint.importers import native
 from zoo.model import ModelConfig, ZooModel
 from zoo.model.generation import left_padding
+from zoo.train.block_wrappers import decoder_blocks, recomputed, unwrap_blocks
+from zoo.train.metrics import all_reduce_sum
 
 # transformers 5.2x names the decoding cache ``cache``; earlier versions ``past_key_values``.
 _CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -112,13 +128,30 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"model.head.weight": "model.embed.weight"}
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: ZooConfig):
         super().__init__(config)
         self.model = ZooModel(config.model_config)
         self._decode_length = 0  # positions the states of the running generate call must hold
+        self.gradient_checkpointing = False  # what transformers' is_activation_checkpointing reads
         self.post_init()
+
+    @property
+    def base_model(self) -> "ZooBackbone":
+        """The model without its output head (transformers' base model: ``last_hidden_state`` out)."""
+        return ZooBackbone(self.model)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' activation-checkpointing hook: every ``every_n_layers``-th decoder block (MTP blocks
+        included) recomputed through ``gradient_checkpointing_func`` in backward; ``enable=False`` undoes it."""
+        unwrap_blocks(self.model)
+        self.gradient_checkpointing = enable
+        if enable:
+            for i, block in enumerate(decoder_blocks(self.model)):
+                if i % every_n_layers == 0:
+                    block.forward = functools.partial(recomputed, block.forward, gradient_checkpointing_func)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """zoo's init (:func:`zoo.model.build.init_weights`) one module at a time: each fills its own tensors."""
@@ -161,17 +194,64 @@ class ZooForCausalLM(PreTrainedModel, GenerationMixin):
         padding the cache was made with, over the cached and the new positions) or, without a cache, right
         padding; any other mask raises ValueError."""
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and not isinstance(cache, ZooCache):
-            raise TypeError(f"a zoo model decodes with its own ZooCache, got a {type(cache).__name__}")
-        states = cache.states if cache is not None else None
-        if cache is not None and attention_mask is not None:
-            _check_cache_padding(attention_mask, cache, input_ids.shape[1])
-        elif attention_mask is not None and not _right_padded(attention_mask):
-            # left padding without a cache: fresh states that know it, as a prefill would
-            pad = left_padding(attention_mask, input_ids)
-            states = self.model.init_states(input_ids.shape[0], input_ids.shape[1], left_pad=pad)
-        out = self.model(input_ids, labels=labels, states=states)
+        out = self.model(input_ids, labels=labels, states=_decoding_states(self.model, input_ids, attention_mask, cache))
         return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE: cache})
+
+
+class ZooBackbone(nn.Module):
+    """A :class:`~zoo.ZooModel` without its output head, as transformers' base models are called:
+    ``(input_ids, attention_mask=None) -> BaseModelOutputWithPast(last_hidden_state)``, the final norm's output
+    ``(B, T, d_model)`` that the head (``get_output_embeddings()``) turns into logits. A view made on each
+    access of :attr:`ZooForCausalLM.base_model`: it holds no weights of its own."""
+
+    def __init__(self, model: ZooModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs) -> BaseModelOutputWithPast:
+        """``attention_mask`` as in :meth:`ZooForCausalLM.forward` (no cache here). ``position_ids`` other than
+        each row's ``0, 1, ...`` (packed or padding-free batches) raise ValueError: zoo's mixers take none."""
+        if position_ids is not None and not torch.equal(position_ids, _default_positions(input_ids, position_ids)):
+            raise ValueError("zoo models take no position_ids: pack sequences off (TRL: packing=False, "
+                             "padding_free=False) so every row starts at position 0")
+        aux = AuxCollector()
+        hidden = self.model.hidden_states(input_ids, aux, _decoding_states(self.model, input_ids, attention_mask))
+        aux.close()
+        return BaseModelOutputWithPast(last_hidden_state=self.model.norm(hidden))
+
+
+class ZooTrainerCallback(TrainerCallback):
+    """Pass to a transformers ``Trainer`` (TRL's too: ``callbacks=[ZooTrainerCallback()]``) training a zoo model:
+    after each optimizer step, every module with an ``on_optimizer_step(all_reduce)`` hook runs it, as zoo's
+    trainer does, so the loss-free router bias moves by ``gamma * sign(mean load - load)`` (Wang et al. 2024,
+    Algorithm 1), from the loads summed over the data-parallel ranks."""
+
+    def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
+        for module in model.modules() if model is not None else ():
+            if callable(getattr(module, "on_optimizer_step", None)):
+                module.on_optimizer_step(all_reduce_sum)
+
+
+def _default_positions(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=position_ids.device).expand_as(position_ids)
+
+
+def _decoding_states(model: ZooModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     cache: "ZooCache | None" = None) -> list[DecodingState] | None:
+    """The decoding states a forward pass over ``input_ids`` runs with: the cache's (its padding checked against
+    ``attention_mask``); fresh ones that know a left-padded mask's pads, as a prefill would; or None (no mask, or
+    right padding without a cache, which causal positions never see)."""
+    if cache is not None and not isinstance(cache, ZooCache):
+        raise TypeError(f"a zoo model decodes with its own ZooCache, got a {type(cache).__name__}")
+    if cache is not None:
+        if attention_mask is not None:
+            _check_cache_padding(attention_mask, cache, input_ids.shape[1])
+        return cache.states
+    if attention_mask is None or _right_padded(attention_mask):
+        return None
+    pad = left_padding(attention_mask, input_ids)
+    return model.init_states(input_ids.shape[0], input_ids.shape[1], left_pad=pad)
 
 
 def _right_padded(attention_mask: torch.Tensor) -> bool:

@@ -50,7 +50,7 @@ def wrap_blocks(model: nn.Module, activation_checkpointing: str = "none", compil
     for block in decoder_blocks(model):
         forward = block.forward  # the class's, bound to this block
         if activation_checkpointing == "full":
-            forward = functools.partial(_recomputed, forward)
+            forward = functools.partial(recomputed, forward, functools.partial(checkpoint, use_reentrant=False))
         block.forward = torch.compile(forward, backend=backend) if compile else forward
     return model
 
@@ -67,12 +67,13 @@ def decoder_blocks(model: nn.Module) -> list[Block]:
     return [module for module in model.modules() if isinstance(module, Block)]
 
 
-def _recomputed(forward, *args, **kwargs):
-    """``forward(*args)`` whose intermediate activations are recomputed in backward rather than kept; outside
-    training (eval mode or no autograd) a plain call."""
+def recomputed(forward, checkpoint_fn, *args, **kwargs):
+    """``forward(*args)`` run through ``checkpoint_fn`` (``torch.utils.checkpoint.checkpoint`` with its options
+    bound), so its intermediate activations are recomputed in backward rather than kept; outside training (eval
+    mode or no autograd) a plain call. ``forward`` is a block's bound forward."""
     if not (torch.is_grad_enabled() and forward.__self__.training):
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return checkpoint_fn(forward, *args, **kwargs)
 
 
 def check_compiler(model: nn.Module) -> None:
