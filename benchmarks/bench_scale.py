@@ -2,15 +2,18 @@
 memory planner's estimate beside the measured peak.
 
 CPU (always): training steps (fwd + bwd + AdamW, bf16 autocast, zoo's optimizer and loss-only forward) of
-``dense-tiny`` and ``deepseek-moe-tiny``, each variant in its own process (a fresh compiler cache state and a
-clean peak-RSS counter): eager, compiled blocks, and eager with every block recomputed in backward. Reported:
-tokens/s (median of repeats after the compile / warm-up step), the compiled step's speedup, the first step's
-time (compilation), the final loss (equal within bf16 rounding), and the peak resident memory the steps added
-(``ru_maxrss`` after minus before; gradients, AdamW state, activations) beside what ``zoo.train.plan`` says for
-the same three parts (``gradients + optimizer + activations``). ``--quick`` checks the plumbing in seconds:
-``dense-tiny`` alone, 2 layers, 2 x 32 tokens, blocks compiled with the ``aot_eager`` backend (TorchDynamo
-capture + AOT autograd, no code generation: a cold Inductor compile of even one tiny block costs ~40
-CPU-seconds; ``tests/test_block_wrappers.py`` has that check behind ``ZOO_TEST_INDUCTOR``).
+``dense-tiny`` and ``deepseek-moe-tiny``, each variant in its own process (a fresh compiler cache state):
+eager, compiled blocks, and eager with every block recomputed in backward. Reported: tokens/s (median of
+repeats after the compile / warm-up step), the compiled step's speedup, the first step's time (compilation; every
+import is done before it), the final loss (equal within bf16 rounding), and the planner
+(``zoo.train.plan.plan_memory``) beside the memory of one step measured after the timed ones: gradients, AdamW
+state, activations and their peak together, from the CPU allocator's own records of the step
+(``benchmarks/_memory.py`` says how, and why not the resident size). The planner's error is ``planned /
+measured - 1`` per part and for the total against the measured peak (positive: it plans more than the step
+used). ``--quick`` checks the plumbing in seconds: ``dense-tiny`` alone, 2 layers, 2 x 32 tokens, blocks
+compiled with the ``aot_eager`` backend (TorchDynamo capture + AOT autograd, no code generation: a cold Inductor
+compile of even one tiny block costs ~40 CPU-seconds; ``tests/test_block_wrappers.py`` has that check behind
+``ZOO_TEST_INDUCTOR``).
 
 GPU (when CUDA exists): MFU of ``dense-125m`` and ``deepseek-moe-1b`` with and without compile (PaLM's
 ``6 N_active + 12 L d T`` FLOPs per token over the device's nominal bf16 peak, as ``gpu_suite``), with
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -30,9 +32,12 @@ import time
 import torch
 
 import zoo
-from benchmarks._common import alternate, bar_plot, print_table, save, summary, table, zoo_training_stepper
+from benchmarks._common import alternate, bar_plot, print_table, save, summary, table, training_stepper
+from benchmarks._memory import step_memory
 from zoo.blocks.experts import CPU_ROW_ALIGN
 from zoo.train.block_wrappers import wrap_blocks
+from zoo.train.config import OptimizerConfig
+from zoo.train.module import make_optimizer
 from zoo.train.plan import plan_memory
 
 VARIANTS = {"eager": ("none", False), "compile": ("none", True), "checkpointed": ("full", False)}
@@ -51,32 +56,38 @@ def cpu_shape(quick: bool) -> dict:
 
 
 def run_variant(preset: str, variant: str, quick: bool) -> dict:
-    """One variant in this process: tokens/s of repeated steps, first-step seconds, final loss, peak RSS added."""
+    """One variant in this process: tokens/s of repeated steps, first-step seconds, final loss, and the memory of
+    one more step (:func:`benchmarks._memory.step_memory`)."""
     torch.manual_seed(0)
     s = cpu_shape(quick)
     model = zoo.create_model(preset, n_layers=s["n_layers"], vocab_size=257, max_seq_len=s["seq"])
     ac, compiled = VARIANTS[variant]
     wrap_blocks(model.train(), ac, compiled, backend=compile_backend(quick))
     ids = torch.randint(0, 257, (s["batch"], s["seq"]))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    optimizer = make_optimizer(model, OptimizerConfig())  # zoo.train's AdamW (fused), as zoo_training_stepper
     start = time.perf_counter()
-    run = zoo_training_stepper(model, ids, s["steps"])  # includes the first (compiling) step
+    run = training_stepper(model, ids, optimizer, s["steps"], return_logits=False)  # runs the first step
     first = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     rates = alternate({"run": run}, s["repeats"])["run"]
+    memory = step_memory(run.step, model, optimizer)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels=ids).loss.item()
-    return {"tokens_per_sec": summary(rates), "first_step_s": first, "loss": loss, "peak_rss_added": peak}
+    return {"tokens_per_sec": summary(rates), "first_step_s": first, "loss": loss, "measured": memory}
 
 
-def planned(preset: str, variant: str, quick: bool) -> int:
-    """The planner's gradients + optimizer state + activations for the variant's layout (bytes)."""
+PARTS = ("gradient_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def planned(preset: str, variant: str, quick: bool) -> dict:
+    """The planner's gradients, optimizer state and activations for the variant's layout, and their sum as
+    ``peak_bytes`` (bytes)."""
     s = cpu_shape(quick)
     config = zoo.load_config(preset, {"model.n_layers": s["n_layers"], "model.vocab_size": 257,
                                       "model.max_seq_len": s["seq"]})
     plan = plan_memory(config.model, s["batch"], s["seq"], activation_checkpointing=VARIANTS[variant][0],
                        precision="bf16-mixed", expert_row_align=CPU_ROW_ALIGN)
-    return plan.gradient_bytes + plan.optimizer_bytes + plan.activation_bytes
+    parts = {part: getattr(plan, part) for part in PARTS}
+    return {**parts, "peak_bytes": sum(parts.values())}
 
 
 def cpu_rows(quick: bool) -> tuple[list, dict]:
@@ -86,17 +97,38 @@ def cpu_rows(quick: bool) -> tuple[list, dict]:
             cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--variant", preset, variant] + (
                 ["--quick"] if quick else [])
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            results.setdefault(preset, {})[variant] = {**json.loads(out.strip().splitlines()[-1]),
-                                                        "planned": planned(preset, variant, quick)}
+            r = json.loads(out.strip().splitlines()[-1])
+            r["planned"] = planned(preset, variant, quick)
+            r["planner_error"] = {k: v / r["measured"][k] - 1 for k, v in r["planned"].items()}
+            results.setdefault(preset, {})[variant] = r
     rows = []
     for preset, by_variant in results.items():
         eager = by_variant["eager"]["tokens_per_sec"]["median"]
         for variant, r in by_variant.items():
             rate = r["tokens_per_sec"]
             rows.append([preset, variant, rate, rate["median"] / eager, r["first_step_s"], r["loss"],
-                         r["peak_rss_added"] / 2**20, r["planned"] / 2**20,
-                         r["planned"] / r["peak_rss_added"] - 1 if r["peak_rss_added"] else None])
+                         r["planned"]["peak_bytes"] / 2**20, r["measured"]["peak_bytes"] / 2**20,
+                         r["planner_error"]["peak_bytes"]])
     return rows, results
+
+
+def memory_rows(results: dict) -> list:
+    """Per preset and variant: each part planned and measured (MiB) with the planner's error, the activations
+    saved when backward starts, and what the step left alive that is not a gradient."""
+    rows = []
+    for preset, by_variant in results.items():
+        for variant, r in by_variant.items():
+            plan, measured, error = r["planned"], r["measured"], r["planner_error"]
+            row = [preset, variant]
+            for part in (*PARTS, "peak_bytes"):
+                row += [plan[part] / 2**20, measured[part] / 2**20, error[part]]
+            rows.append(row + [measured["saved_bytes"] / 2**20, measured["unaccounted_bytes"] / 2**20])
+    return rows
+
+
+MEMORY_COLUMNS = [f"{part} {kind}" for part in ("gradients", "AdamW", "activations", "total vs peak")
+                  for kind in ("planned MiB", "measured MiB", "error")] + ["saved at backward MiB",
+                                                                           "left alive MiB"]
 
 
 def gpu_rows(quick: bool) -> tuple[list, dict]:
@@ -139,6 +171,24 @@ def gpu_rows(quick: bool) -> tuple[list, dict]:
 SECTIONS = {"cpu": cpu_rows, "gpu": gpu_rows}
 
 
+def planner_reading(results: dict) -> str:
+    """The planner's errors, composed from the measured rows."""
+    rows = [(f"{p} {v}", r) for p, by_variant in results.items() for v, r in by_variant.items()]
+
+    def span(part: str, pick=lambda r: True) -> str:
+        errors = [r["planner_error"][part] for _, r in rows if pick(r)]
+        return f"{min(errors):+.1%} to {max(errors):+.1%}" if min(errors) != max(errors) else f"{errors[0]:+.1%}"
+
+    saved = [r["planned"]["activation_bytes"] / r["measured"]["saved_bytes"] - 1
+             for name, r in rows if not name.endswith("checkpointed")]
+    return (f"The planner's gradients + AdamW state + activations were {span('peak_bytes')} off the measured peak of a "
+            "step (" + ", ".join(f"{name} {r['planner_error']['peak_bytes']:+.1%}" for name, r in rows) + "); its "
+            f"gradients {span('gradient_bytes')} and AdamW state {span('optimizer_bytes')} off what the step held; its "
+            f"activations {span('activation_bytes')} off the most non-gradient bytes live in the step (backward's "
+            f"transient buffers included, which it does not model) and {min(saved):+.1%} to {max(saved):+.1%} off "
+            "the bytes saved for backward when backward starts (variants without recomputation).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -148,10 +198,13 @@ def main() -> None:
         print(json.dumps(run_variant(*args.variant, args.quick)))
         return
     cpu, cpu_results = SECTIONS["cpu"](args.quick)
-    columns = ["preset", "variant", "tokens/s", "vs eager", "first step s", "loss", "peak RSS added MiB",
-               "planned MiB", "planner error"]
+    columns = ["preset", "variant", "tokens/s", "vs eager", "first step s", "loss", "planned MiB",
+               "measured peak MiB", "planner error"]
     print_table(columns, [[c["median"] if isinstance(c, dict) else c for c in row] for row in cpu])
-    tables = []
+    memory = memory_rows(cpu_results)
+    print_table(["preset", "variant", *MEMORY_COLUMNS], memory)
+    tables = [table("CPU: the planner's parts beside one step's measured memory (error = planned / measured - 1)",
+                    ["preset", "variant", *MEMORY_COLUMNS], memory)]
     gpu, gpu_results = SECTIONS["gpu"](args.quick)
     if gpu:
         gpu_columns = ["preset", "variant", "tokens/s", "MFU", "peak GiB", "planned GiB", "planner error"]
@@ -164,7 +217,8 @@ def main() -> None:
     reading = (f"Compiled blocks ({compile_backend(args.quick)}) ran the step "
                + ", ".join(f"{v:.2f}x ({p})" for p, v in speedups.items())
                + " the eager speed (goal 1.3x); recomputing every block cost "
-               + ", ".join(f"{100 * v:.0f}% of the eager rate ({p})" for p, v in costs.items()) + ".")
+               + ", ".join(f"{100 * v:.0f}% of the eager rate ({p})" for p, v in costs.items()) + ". "
+               + planner_reading(cpu_results))
     plot = bar_plot("bench_scale" + ("_quick" if args.quick else ""), "Training step on CPU (bf16 autocast)",
                     [(p, "tokens/s", {v: r[v]["tokens_per_sec"] for v in VARIANTS}) for p, r in cpu_results.items()])
     save("bench_scale" + ("_quick" if args.quick else ""), {
