@@ -15,6 +15,12 @@ compiled with the ``aot_eager`` backend (TorchDynamo capture + AOT autograd, no 
 compile of even one tiny block costs ~40 CPU-seconds; ``tests/test_block_wrappers.py`` has that check behind
 ``ZOO_TEST_INDUCTOR``).
 
+Expert parallelism (always; ``benchmarks/_expert_parallel.py``): ``deepseek-moe-tiny`` on 2 CPU processes (gloo, one
+thread each, 4 x 256 tokens per rank; ``--quick``: 2 layers, 2 x 32, about 2 seconds) with its experts split over
+them (``train.parallel.expert_parallel: 2``, the all-to-all dispatcher) vs replicated (DDP): step time (median of
+repeats, alternated in the same processes), the losses (equal), and the all-to-all's and the gradient
+all-reduce's share of the step, from the profiled ops of the main thread.
+
 GPU (when CUDA exists): MFU of ``dense-125m`` and ``deepseek-moe-1b`` with and without compile (PaLM's
 ``6 N_active + 12 L d T`` FLOPs per token over the device's nominal bf16 peak, as ``gpu_suite``), with
 ``torch.cuda.max_memory_allocated`` beside the planner's total. ``SECTIONS`` lists the row builders;
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +39,8 @@ import time
 import torch
 
 import zoo
-from benchmarks._common import alternate, bar_plot, print_table, save, summary, table, training_stepper
+from benchmarks._expert_parallel import run_layouts, shape as ep_shape
+from benchmarks._common import alternate, bar_plot, print_table, save, scaled, summary, table, training_stepper
 from benchmarks._memory import step_memory
 from zoo.blocks.experts import CPU_ROW_ALIGN
 from zoo.train.block_wrappers import wrap_blocks
@@ -167,8 +175,25 @@ def gpu_rows(quick: bool) -> tuple[list, dict]:
     return rows, results
 
 
-# Row builders of further layouts (e.g. expert parallelism across processes) append themselves here.
-SECTIONS = {"cpu": cpu_rows, "gpu": gpu_rows}
+def expert_parallel_rows(quick: bool) -> tuple[list, dict]:
+    """Per layout and rank: step ms (repeats), its ratio to the replicated step, all-to-all and all-reduce ms and
+    share of the step, the last loss."""
+    results = run_layouts(quick)
+    rows = []
+    for layout in ("replicated", "expert_parallel"):
+        for rank, by_layout in results.items():
+            r, base = by_layout[layout], statistics.median(by_layout["replicated"]["step_s"])
+            rows.append([layout, rank, scaled(summary(r["step_s"]), 1e3), statistics.median(r["step_s"]) / base,
+                         1e3 * r["exchange_s"], r["exchange_fraction"], 1e3 * r["all_reduce_s"],
+                         r["all_reduce_fraction"], r["loss"]])
+    return rows, results
+
+
+EP_COLUMNS = ["layout", "rank", "step ms", "vs replicated", "all-to-all ms", "all-to-all share", "all-reduce ms",
+              "all-reduce share", "loss"]
+
+# Row builders of the sections, by name: one device (cpu, gpu) and expert parallelism across processes.
+SECTIONS = {"cpu": cpu_rows, "gpu": gpu_rows, "expert_parallel": expert_parallel_rows}
 
 
 def planner_reading(results: dict) -> str:
@@ -189,6 +214,17 @@ def planner_reading(results: dict) -> str:
             "the bytes saved for backward when backward starts (variants without recomputation).")
 
 
+def expert_parallel_reading(results: dict) -> str:
+    ratio = [statistics.median(r["expert_parallel"]["step_s"]) / statistics.median(r["replicated"]["step_s"])
+             for r in results.values()]
+    share = [r["expert_parallel"]["exchange_fraction"] for r in results.values()]
+    reduce = [r["replicated"]["all_reduce_fraction"] for r in results.values()]
+    return (f"On 2 CPU processes the expert-parallel step took {'/'.join(f'{v:.2f}' for v in ratio)}x the "
+            f"replicated-expert step's time (ranks 0/1); its all-to-all was "
+            f"{'/'.join(f'{v:.0%}' for v in share)} of the step, the replicated layout's visible gradient "
+            f"all-reduce {'/'.join(f'{v:.0%}' for v in reduce)}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -197,13 +233,17 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(*args.variant, args.quick)))
         return
+    # first: its processes are forked from this one, before it has computed anything
+    ep, ep_results = SECTIONS["expert_parallel"](args.quick)
+    print_table(EP_COLUMNS, ep)
     cpu, cpu_results = SECTIONS["cpu"](args.quick)
     columns = ["preset", "variant", "tokens/s", "vs eager", "first step s", "loss", "planned MiB",
                "measured peak MiB", "planner error"]
     print_table(columns, [[c["median"] if isinstance(c, dict) else c for c in row] for row in cpu])
     memory = memory_rows(cpu_results)
     print_table(["preset", "variant", *MEMORY_COLUMNS], memory)
-    tables = [table("CPU: the planner's parts beside one step's measured memory (error = planned / measured - 1)",
+    tables = [table("Expert parallelism on 2 CPU processes (gloo) vs replicated experts (DDP)", EP_COLUMNS, ep),
+              table("CPU: the planner's parts beside one step's measured memory (error = planned / measured - 1)",
                     ["preset", "variant", *MEMORY_COLUMNS], memory)]
     gpu, gpu_results = SECTIONS["gpu"](args.quick)
     if gpu:
@@ -218,12 +258,13 @@ def main() -> None:
                + ", ".join(f"{v:.2f}x ({p})" for p, v in speedups.items())
                + " the eager speed (goal 1.3x); recomputing every block cost "
                + ", ".join(f"{100 * v:.0f}% of the eager rate ({p})" for p, v in costs.items()) + ". "
-               + planner_reading(cpu_results))
+               + planner_reading(cpu_results) + " " + expert_parallel_reading(ep_results))
     plot = bar_plot("bench_scale" + ("_quick" if args.quick else ""), "Training step on CPU (bf16 autocast)",
                     [(p, "tokens/s", {v: r[v]["tokens_per_sec"] for v in VARIANTS}) for p, r in cpu_results.items()])
     save("bench_scale" + ("_quick" if args.quick else ""), {
         "quick": args.quick, "shape": cpu_shape(args.quick), "compile_backend": compile_backend(args.quick),
-        "cpu": cpu_results, "gpu": gpu_results or None,
+        "cpu": cpu_results, "gpu": gpu_results or None, "expert_parallel": ep_results,
+        "expert_parallel_shape": ep_shape(args.quick),
         "reading": reading, "plots": [plot], "tables": tables,
         "table": table("CPU: eager vs compiled vs checkpointed blocks, planner vs measured peak", columns, cpu)})
     print(reading)
