@@ -1,13 +1,15 @@
 """train.parallel on CPU with gloo: expert parallelism and FSDP2 on 2 processes equal 1 process with the double
-batch; sharded checkpoints survive a crash mid-save and resume exactly; the layout's config errors.
+batch; sharded checkpoints survive a crash and a SIGKILL mid-save and resume exactly; the layout's config errors.
 
-The 2-process jobs run in two launches of tests/parallel_worker.py (Lightning starts the second rank; the jobs of a
-launch share the processes): processes are the cost here, so each launch serves several checks.
+The 2-process jobs run in launches of tests/parallel_worker.py (Lightning starts the second rank; the jobs of a
+launch share the processes): processes are the cost here, so one launch serves several checks, and only the
+SIGKILLed run has a launch of its own.
 """
 
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +52,18 @@ def _losses(out_dir: Path, name: str = "train/loss") -> dict[int, float]:
         return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
 
 
+def _launch(jobs: list[dict], spec: Path) -> subprocess.CompletedProcess:
+    spec.write_text(json.dumps(jobs))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(spec)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Single-process references, then one 2-process launch: the JOBS, a run whose second sharded save crashes
-    (on rank 1, once its shard of step 4 is written), and the resume of that run."""
+    """Single-process references; a 2-process launch SIGKILLed in its second sharded save (once rank 1's shard of
+    step 4 is written), with what it left on disk; then one 2-process launch: the JOBS, a run whose second sharded
+    save crashes (on rank 1, once its shard of step 4 is written), the resume of that run and of the killed one."""
     tmp = tmp_path_factory.mktemp("parallel")
     mp = pytest.MonkeyPatch()
     mp.setenv("ZOO_CACHE", str(tmp / "cache"))
@@ -63,13 +73,17 @@ def runs(tmp_path_factory):
             in JOBS.items()]
     crashed = {**BASE, **JOBS["ep"][1], "train.out_dir": str(tmp / "crash")}
     jobs += [{"overrides": crashed, "crash_at_save": 2}, {"overrides": {**crashed, "train.resume": True}}]
-    (tmp / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = subprocess.run([sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(tmp / "jobs.json")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    killed = {**crashed, "train.out_dir": str(tmp / "killed")}
+    kill = _launch([{"overrides": killed, "kill_at_save": 2}], tmp / "kill.json")
+    assert kill.returncode == -signal.SIGKILL, kill.stderr[-3000:]
+    checkpoints = tmp / "killed" / "checkpoints"
+    left = {"last_step": torch.load(checkpoints / "last.ckpt" / "meta.pt", weights_only=True)["global_step"],
+            "partial": sorted(p.name for d in checkpoints.glob(".last.ckpt.tmp-*") for p in d.iterdir())}
+    jobs.append({"overrides": {**killed, "train.resume": True}})
+    launch = _launch(jobs, tmp / "jobs.json")
     mp.undo()
     assert launch.returncode == 0, launch.stderr[-3000:]
-    return tmp, single
+    return tmp, single, left
 
 
 def _assert_same_training(tmp: Path, name: str, reference) -> None:
@@ -86,7 +100,7 @@ def _assert_same_training(tmp: Path, name: str, reference) -> None:
 
 @pytest.mark.parametrize("name", list(JOBS))
 def test_two_processes_equal_one_process_double_batch(runs, name):
-    tmp, single = runs
+    tmp, single, _ = runs
     reference = single[JOBS[name][0]]
     _assert_same_training(tmp, name, reference)
     last = tmp / name / "checkpoints" / "last.ckpt"
@@ -102,7 +116,7 @@ def test_two_processes_equal_one_process_double_batch(runs, name):
 
 
 def test_crash_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(runs):
-    tmp, _ = runs
+    tmp, _, _ = runs
     for rank in (0, 1):  # the save of step 4 failed on every rank, leaving step 2's checkpoint and a partial one
         left = json.loads((tmp / "crash" / f"crash-rank{rank}.json").read_text())
         assert "rank 1 crashed in save 2, its shard written" in left["error"] and left["last_step"] == 2
@@ -115,6 +129,22 @@ def test_crash_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_e
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
     last = tmp / "crash" / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 4
+    assert not list(last.parent.glob(".last.ckpt.tmp-*"))  # the dead save's shards were removed
+
+
+def test_a_run_killed_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(runs):
+    tmp, _, left = runs
+    # SIGKILL once rank 1's shard of step 4 was written: step 2's checkpoint whole, the dead save's partial one apart
+    assert left["last_step"] == 2
+    assert "__1_0.distcp" in left["partial"] and ".metadata" not in left["partial"]
+    resumed, uninterrupted = _losses(tmp / "killed"), _losses(tmp / "ep")
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
+    a, b = (load_file(tmp / d / "final" / "model.safetensors") for d in ("ep", "killed"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    last = tmp / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 4
     assert not list(last.parent.glob(".last.ckpt.tmp-*"))  # the dead save's shards were removed
 
@@ -138,7 +168,7 @@ def test_parallel_layout_errors_name_the_keys(overrides, message):
 
 
 def test_resume_reads_a_sharded_checkpoint_and_refuses_another_layout(runs, tmp_path):
-    tmp, _ = runs
+    tmp, _, _ = runs
     last = tmp / "ep" / "checkpoints" / "last.ckpt"
     sharded = zoo.load_config("dense-tiny", {**BASE, **JOBS["ep"][1], "model.vocab_size": 257})
     assert _check_resume(last, sharded, ZooLightningModule(sharded)) == 4  # step and shapes from meta.pt and DCP
