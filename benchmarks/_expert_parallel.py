@@ -6,7 +6,8 @@ Both layouts are built as training builds them, without Lightning's loop around 
 ``zoo.train.parallel.parallelize`` on a ``(dp=1, ep=2)`` device mesh (expert weights sharded, the
 :class:`~zoo.blocks.dispatch.AllToAllDispatcher`, the other weights' gradients averaged after backward), the
 replicated layout by ``torch.nn.parallel.DistributedDataParallel`` (what Lightning's default strategy wraps the
-model in: gradient all-reduce in buckets, overlapped with backward); zoo's AdamW, bf16 autocast, the loss-free
+model in: gradient all-reduce in buckets, overlapped with backward); zoo's AdamW, the precision ``train.precision:
+auto`` picks on this CPU (bf16 autocast or float32), the loss-free
 bias update summed over both ranks. Each rank trains on its own micro-batch, the same for both layouts, so the
 layouts compute the same losses (reported as a check). The two processes are forked from the benchmark's process
 (its imports are paid once; each sets one torch thread before computing) and keep both models, so the layouts'
@@ -41,6 +42,7 @@ from zoo.train.config import OptimizerConfig, ParallelConfig
 from zoo.train.metrics import all_reduce_sum
 from zoo.train.module import make_optimizer
 from zoo.train.parallel import DP, EP, parallelize
+from zoo.train.precision import resolve_precision
 
 PRESET = "deepseek-moe-tiny"
 WORLD = 2
@@ -59,10 +61,11 @@ def _stepper(model, ids, steps: int, after_backward=lambda: None):
     optimizer = make_optimizer(model.module if isinstance(model, DistributedDataParallel) else model,
                                OptimizerConfig())
     stepping = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
+    bf16 = resolve_precision("auto", "cpu")[0] == "bf16-mixed"
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids, return_logits=False).loss
         loss.backward()
         after_backward()

@@ -99,7 +99,7 @@ def decoder(model, batch: int, context: int, steps: int, repeats: int, part: str
                     mixer(x, states[0])
         return (clock() - start) / steps
 
-    run()  # warm-up (also advances the states by `steps` tokens; the context stays within 1%)
+    run()  # warm-up (also advances the states by `steps` tokens)
     return run
 
 

@@ -1,11 +1,12 @@
 """Scaling knobs on one device: ``train.compile`` and ``train.activation_checkpointing`` vs the eager step, and the
 memory planner's estimate beside the measured peak.
 
-CPU (always): training steps (fwd + bwd + AdamW, bf16 autocast, zoo's optimizer and loss-only forward) of
+CPU (always): training steps (fwd + bwd + AdamW, zoo's optimizer and loss-only forward, in the precision
+``train.precision: auto`` picks on this CPU: bf16 autocast where it computes bf16 natively, else float32) of
 ``dense-tiny`` and ``deepseek-moe-tiny``, each variant in its own process (a fresh compiler cache state):
 eager, compiled blocks, and eager with every block recomputed in backward. Reported: tokens/s (median of
 repeats after the compile / warm-up step), the compiled step's speedup, the first step's time (compilation; every
-import is done before it), the final loss (equal within bf16 rounding), and the planner
+import is done before it), the final loss (equal within bf16 rounding where bf16 is used), and the planner
 (``zoo.train.plan.plan_memory``) beside the memory of one step measured after the timed ones: gradients, AdamW
 state, activations and their peak together, from the CPU allocator's own records of the step
 (``benchmarks/_memory.py`` says how, and why not the resident size). The planner's error is ``planned /
@@ -47,6 +48,7 @@ from zoo.train.block_wrappers import wrap_blocks
 from zoo.train.config import OptimizerConfig
 from zoo.train.module import make_optimizer
 from zoo.train.plan import plan_memory
+from zoo.train.precision import resolve_precision
 
 VARIANTS = {"eager": ("none", False), "compile": ("none", True), "checkpointed": ("full", False)}
 CPU_PRESETS = ("dense-tiny", "deepseek-moe-tiny")
@@ -56,6 +58,11 @@ QUICK_CPU_PRESETS = ("dense-tiny",)  # its compile is the cheapest (MoE blocks r
 def compile_backend(quick: bool) -> str:
     """The ``torch.compile`` backend of the compiled variant: Inductor, or ``aot_eager`` for ``--quick``."""
     return "aot_eager" if quick else "inductor"
+
+
+def cpu_precision() -> str:
+    """What ``train.precision: auto`` trains with on this CPU: ``bf16-mixed`` or ``32-true``."""
+    return resolve_precision("auto", "cpu")[0]
 
 
 def cpu_shape(quick: bool) -> dict:
@@ -74,11 +81,12 @@ def run_variant(preset: str, variant: str, quick: bool) -> dict:
     ids = torch.randint(0, 257, (s["batch"], s["seq"]))
     optimizer = make_optimizer(model, OptimizerConfig())  # zoo.train's AdamW (fused), as zoo_training_stepper
     start = time.perf_counter()
-    run = training_stepper(model, ids, optimizer, s["steps"], return_logits=False)  # runs the first step
+    bf16 = cpu_precision() == "bf16-mixed"
+    run = training_stepper(model, ids, optimizer, s["steps"], bf16, return_logits=False)  # runs the first step
     first = time.perf_counter() - start
     rates = alternate({"run": run}, s["repeats"])["run"]
     memory = step_memory(run.step, model, optimizer)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss = model(ids, labels=ids).loss.item()
     return {"tokens_per_sec": summary(rates), "first_step_s": first, "loss": loss, "measured": memory}
 
@@ -93,7 +101,7 @@ def planned(preset: str, variant: str, quick: bool) -> dict:
     config = zoo.load_config(preset, {"model.n_layers": s["n_layers"], "model.vocab_size": 257,
                                       "model.max_seq_len": s["seq"]})
     plan = plan_memory(config.model, s["batch"], s["seq"], activation_checkpointing=VARIANTS[variant][0],
-                       precision="bf16-mixed", expert_row_align=CPU_ROW_ALIGN)
+                       precision=cpu_precision(), expert_row_align=CPU_ROW_ALIGN)
     parts = {part: getattr(plan, part) for part in PARTS}
     return {**parts, "peak_bytes": sum(parts.values())}
 
@@ -259,10 +267,11 @@ def main() -> None:
                + " the eager speed (goal 1.3x); recomputing every block cost "
                + ", ".join(f"{100 * v:.0f}% of the eager rate ({p})" for p, v in costs.items()) + ". "
                + planner_reading(cpu_results) + " " + expert_parallel_reading(ep_results))
-    plot = bar_plot("bench_scale" + ("_quick" if args.quick else ""), "Training step on CPU (bf16 autocast)",
+    plot = bar_plot("bench_scale" + ("_quick" if args.quick else ""), f"Training step on CPU ({cpu_precision()})",
                     [(p, "tokens/s", {v: r[v]["tokens_per_sec"] for v in VARIANTS}) for p, r in cpu_results.items()])
     save("bench_scale" + ("_quick" if args.quick else ""), {
         "quick": args.quick, "shape": cpu_shape(args.quick), "compile_backend": compile_backend(args.quick),
+        "cpu_precision": cpu_precision(),
         "cpu": cpu_results, "gpu": gpu_results or None, "expert_parallel": ep_results,
         "expert_parallel_shape": ep_shape(args.quick),
         "reading": reading, "plots": [plot], "tables": tables,

@@ -13,7 +13,9 @@ above it.
 
 Full setting: 300 steps of 8 x 128 bytes, 3 variants x 3 seeds = 9 runs. Estimated wall time on the quiet
 2-core machine of ``benchmarks/results``: ~7 minutes (0.15 s per ``deepseek-moe-tiny`` step including
-validation, from the 92 s its earlier two-run version took there); ``--quick`` (one seed): seconds.
+validation, from the 92 s its earlier two-run version took there). Measured on the 2-core Xeon without AMX, which
+trains in float32: 27.7 minutes on a loaded machine, 2,405 CPU-seconds (over the 20-minute budget there);
+``--quick`` (one seed): seconds.
 Run from the repository root: ``python -m benchmarks.reproduce_balancing [--quick] [--steps N] [--seeds N]``.
 """
 

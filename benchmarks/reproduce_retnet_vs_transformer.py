@@ -12,8 +12,8 @@ repeats' spread and its loss band is not above the Transformer's; at this size S
 RetNet behind, which the reason then says.
 
 Full setting: 300 steps of 8 x 128 bytes, 2 models x 3 seeds = 6 runs plus the decode timing. Estimated wall
-time on the quiet 2-core machine of ``benchmarks/results``: ~4 minutes (the single-seed run took 63 s);
-``--quick`` (one seed): seconds.
+time on the quiet 2-core machine of ``benchmarks/results``: ~4 minutes (the single-seed run took 63 s); measured:
+7.0 minutes on the idle 2-core Xeon without AMX (float32); ``--quick`` (one seed): seconds.
 Run from the repository root:
 ``python -m benchmarks.reproduce_retnet_vs_transformer [--quick] [--steps N] [--seeds N]``.
 """
@@ -127,7 +127,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: summarise(train_seeds(preset, o, b, Path(tmp) / name, args.seeds))
                    for name, (preset, o) in runs.items()}
-    contexts, steps, repeats = ([64, 256], 4, 2) if args.quick else ([256, 1024, 4096], 16, 5)
+    contexts, steps, repeats = ([64, 256], 4, 2) if args.quick else ([256, 1024, 4096], 32, 5)
     decode = decode_costs({"retnet": ("retnet-tiny", {"model.ffn.d_hidden": width}),
                            "transformer": ("dense-tiny", {})}, contexts, steps, repeats)
     t = results["transformer"]

@@ -14,7 +14,8 @@ prediction band overlaps the held-out size's seed band with no bound active.
 Full setting: r = 4 tokens per parameter (0.2 M to 1.6 M tokens per run; 8 x 128-byte batches), 5 sizes x 3
 seeds = 15 runs, ~9,100 steps in all. Estimated wall time on a quiet 2-core machine: ~7 minutes (12 full-size
 steps of d_model 24, 64 and 96 timed beside dense-tiny's on a loaded machine, scaled by dense-tiny's quiet
-0.086 s per step: ~0.012, 0.03 and 0.03-0.04 s per step); ``--quick`` (one seed): seconds.
+0.086 s per step: ~0.012, 0.03 and 0.03-0.04 s per step); measured: 9.3 minutes on the idle 2-core Xeon without
+AMX (float32); ``--quick`` (one seed): seconds.
 Run from the repository root: ``python -m benchmarks.reproduce_scaling [--quick] [--seeds N] [--tokens-per-parameter R]``.
 """
 

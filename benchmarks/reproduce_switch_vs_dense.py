@@ -11,7 +11,7 @@ dispatch's FLOPs included): Switch's loss is read off its validation curve at th
 FLOPs. Per layer and over training, :class:`benchmarks._routing.RouterTrace` records the fraction of tokens
 dropped at capacity, the router entropy and each expert's load (plotted for seed 0).
 
-The full setting adds single-seed ablation rows at the smallest width (Switch every other FFN): capacity factor 1.0,
+``--ablations`` adds single-seed rows at the smallest width (Switch every other FFN): capacity factor 1.0,
 2.0 and dropless (capacity = every token), expert init scale 1.0 (vs 0.1), learning rate x0.5 and x2, 2 and 4
 experts (vs 8), auxiliary weight 0 and 0.1 (vs 0.01). The verdict (from the smallest width): reproduced when
 Switch's (every other FFN) loss band at equal compute lies below dense's, not reproduced when above.
@@ -19,16 +19,19 @@ Switch's (every other FFN) loss band at equal compute lies below dense's, not re
 Full setting: 600 steps of 8 x 128 bytes per run, 2 widths x 3 models x 3 seeds = 18 runs. Estimated wall
 time on a quiet 2-core machine: ~11 minutes (12 full-size steps of each model timed beside dense-tiny's on a
 loaded machine, scaled by dense-tiny's quiet 0.086 s per step: ~0.03 s per step at width 64 for dense and
-Switch alike, ~0.07 s at width 128), plus ~4 minutes for the 10 ablation runs at width 64 (``--no-ablations``
-skips them); ``--quick`` (one seed, no ablations): seconds.
+Switch alike, ~0.07 s at width 128); ``--ablations`` adds 10 runs at width 64; ``--quick`` (one seed): seconds.
+Measured on the 2-core Xeon without AMX (float32): 45.6 minutes on a loaded machine, plus 7.5 for the ablations
+(4,339 CPU-seconds in all), over the 20-minute budget there.
+The payload's ``wall_seconds`` says what each part took.
 Run from the repository root:
-``python -m benchmarks.reproduce_switch_vs_dense [--quick] [--steps N] [--seeds N] [--no-ablations]``.
+``python -m benchmarks.reproduce_switch_vs_dense [--quick] [--steps N] [--seeds N] [--ablations]``.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks._common import plot_path, print_table, save, table
@@ -199,10 +202,11 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = reproduction_parser(__doc__)
-    parser.add_argument("--no-ablations", action="store_true", help="skip the single-seed ablation rows")
+    parser.add_argument("--ablations", action="store_true", help="add the single-seed ablation rows")
     args = parser.parse_args()
     b = budget(args.quick, args.steps or (None if args.quick else STEPS))
     results, ablations = {}, {}
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for w in WIDTHS:
             dense = results.setdefault(w, {})["dense"] = compare(model_spec("dense", w), b, Path(tmp) / f"d{w}dense",
@@ -210,10 +214,12 @@ def main() -> None:
             for m in MODELS[1:]:
                 results[w][m] = compare(model_spec(m, w), b, Path(tmp) / f"d{w}{m.replace(' ', '_')}", args.seeds,
                                         dense)
-        if not (args.quick or args.no_ablations):
+        wall = {"seed bands": time.perf_counter() - start}
+        if args.ablations:
             for label, extra in ABLATIONS.items():
                 ablations[label] = compare(model_spec("switch every other FFN", WIDTHS[0]), b,
                                            Path(tmp) / label.replace(" ", "_"), 1, results[WIDTHS[0]]["dense"], extra)
+            wall["ablations"] = time.perf_counter() - start - wall["seed bands"]
     columns = ["d_model", "model", "parameters", "active parameters", "train FLOPs per token", "final val loss",
                "val loss at dense's FLOPs", "vs dense", "tokens dropped (run mean)", "steps to dense's final loss",
                "FLOP speed-up"]
@@ -236,7 +242,7 @@ def main() -> None:
                     ablation_rows)] if ablation_rows else []
     path = save(name, {"quick": args.quick, **b, "seeds": args.seeds, "widths": list(WIDTHS),
                        "results": {str(w): m for w, m in results.items()}, "ablations": ablations,
-                       "verdict": judged, "paper": {"step_speedup": 7.0},
+                       "verdict": judged, "wall_seconds": wall, "paper": {"step_speedup": 7.0},
                        "table": table(f"Switch vs dense, {b['steps']} steps of {b['batch_size']} x {b['seq_len']} "
                                       f"bytes of {b['corpus']}; {BAND_LABEL}, {args.seeds} seeds", columns, rows),
                        "tables": tables, "reading": reading(results, ablations, b, args.seeds),
