@@ -233,7 +233,7 @@ def test_trl_sft_trainer_trains_the_wrapped_model(exported, tmp_path):
         before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}
         before["embed"] = model.model.embed.weight.clone()
         args = trl.SFTConfig(output_dir=str(tmp_path / str(checkpointing)), max_steps=2, per_device_train_batch_size=2,
-                             gradient_checkpointing=checkpointing, use_cpu=True, report_to=[], logging_steps=1,
+                             activation_checkpointing=checkpointing, use_cpu=True, report_to=[], logging_steps=1,
                              max_length=32, save_strategy="no", disable_tqdm=True)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                  callbacks=[ZooTrainerCallback()] if checkpointing else [])

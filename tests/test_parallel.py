@@ -121,16 +121,8 @@ def test_crash_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_e
         left = json.loads((tmp / "crash" / f"crash-rank{rank}.json").read_text())
         assert "rank 1 crashed in save 2, its shard written" in left["error"] and left["last_step"] == 2
         assert "__1_0.distcp" in left["partial"] and ".metadata" not in left["partial"]
-    crashed, uninterrupted = _losses(tmp / "crash"), _losses(tmp / "ep")
-    assert sorted(crashed) == [1, 2, 3, 4]
-    for step in (3, 4):
-        assert crashed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
-    a, b = (load_file(tmp / d / "final" / "model.safetensors") for d in ("ep", "crash"))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
-    last = tmp / "crash" / "checkpoints" / "last.ckpt"
-    assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 4
-    assert not list(last.parent.glob(".last.ckpt.tmp-*"))  # the dead save's shards were removed
+    assert sorted(_losses(tmp / "crash")) == [1, 2, 3, 4]
+    _assert_resumed_as_uninterrupted(tmp, "crash")
 
 
 def test_a_run_killed_during_a_sharded_save_keeps_the_previous_checkpoint_and_resumes_exactly(runs):
@@ -138,15 +130,21 @@ def test_a_run_killed_during_a_sharded_save_keeps_the_previous_checkpoint_and_re
     # SIGKILL once rank 1's shard of step 4 was written: step 2's checkpoint whole, the dead save's partial one apart
     assert left["last_step"] == 2
     assert "__1_0.distcp" in left["partial"] and ".metadata" not in left["partial"]
-    resumed, uninterrupted = _losses(tmp / "killed"), _losses(tmp / "ep")
+    _assert_resumed_as_uninterrupted(tmp, "killed")
+
+
+def _assert_resumed_as_uninterrupted(tmp: Path, name: str) -> None:
+    """The run ``name``, resumed from step 2's checkpoint, trained steps 3-4 and ended as the uninterrupted EP run,
+    with a whole step-4 checkpoint and the dead save's shards removed."""
+    resumed, uninterrupted = _losses(tmp / name), _losses(tmp / "ep")
     for step in (3, 4):
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6), step
-    a, b = (load_file(tmp / d / "final" / "model.safetensors") for d in ("ep", "killed"))
+    a, b = (load_file(tmp / d / "final" / "model.safetensors") for d in ("ep", name))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
-    last = tmp / "killed" / "checkpoints" / "last.ckpt"
+    last = tmp / name / "checkpoints" / "last.ckpt"
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == 4
-    assert not list(last.parent.glob(".last.ckpt.tmp-*"))  # the dead save's shards were removed
+    assert not list(last.parent.glob(".last.ckpt.tmp-*"))
 
 
 @pytest.mark.parametrize("overrides, message", [
