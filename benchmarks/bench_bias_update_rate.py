@@ -12,13 +12,12 @@ validation loss, with three seeds each (mean and min-max band), every other sett
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
 from benchmarks._common import plot_path, print_table, save, table
-from benchmarks._train import EAGER_ATTENTION, budget, train_run
+from benchmarks._train import (EAGER_ATTENTION, budget, curve_band, plot_band, reproduction_parser, runs_band,
+                               train_run)
 
 RATES = (1e-3, 3e-3, 1e-2, 3e-2)
 QUICK_RATES = (1e-3, 3e-2)  # the ends: every code path of the sweep, half the runs
@@ -32,12 +31,6 @@ def run(rate: float, b: dict, seed: int, out_dir: Path) -> dict:
             "maxvio_min": min(v for _, v in curve)}
 
 
-def spread(values: list[float]) -> dict:
-    """Mean over seeds with the min-max band (a table cell renders it as ``mean (min-max)``)."""
-    return {"median": statistics.mean(values), "min": min(values), "max": max(values), "values": values,
-            "statistic": "mean"}
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -46,16 +39,10 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for rate, seeds in results.items():
-        steps = [s for s, _ in seeds[0]["maxvio_curve"]]
-        curves = [[v for _, v in r["maxvio_curve"]] for r in seeds]
-        mean = [statistics.mean(c) for c in zip(*curves)]
-        line, = left.plot(steps, mean, "o-", label=f"gamma {rate:g}")
-        left.fill_between(steps, [min(c) for c in zip(*curves)], [max(c) for c in zip(*curves)],
-                          color=line.get_color(), alpha=0.2)
-        losses = [r["val_loss"] for r in seeds]
-        right.errorbar([rate], [statistics.mean(losses)], yerr=[[statistics.mean(losses) - min(losses)],
-                                                              [max(losses) - statistics.mean(losses)]], fmt="o",
-                       color=line.get_color(), capsize=4)
+        plot_band(left, curve_band([r["maxvio_curve"] for r in seeds]), f"gamma {rate:g}", marker="o")
+        loss = runs_band(seeds)
+        right.errorbar([rate], [loss["mean"]], yerr=[[loss["mean"] - loss["min"]], [loss["max"] - loss["mean"]]],
+                       fmt="o", color=left.get_lines()[-1].get_color(), capsize=4)
     left.set(xlabel="step", ylabel="MaxVio_global (validation)", yscale="log",
              title="Load imbalance over the run (mean, min-max band over seeds)")
     right.set(xlabel="bias_update_rate (gamma)", ylabel="final validation loss (nats/byte)", xscale="log",
@@ -68,32 +55,28 @@ def plot(results: dict, path: Path) -> None:
 
 def reading(rows: dict, b: dict) -> str:
     falling = [rate for rate, r in rows.items() if r["maxvio"]["max"] < r["first"]["min"]]
-    best = min(rows, key=lambda rate: rows[rate]["maxvio"]["median"])
+    best = min(rows, key=lambda rate: rows[rate]["maxvio"]["mean"])
     paper = rows[min(rows)]
     return (f"Over {b['steps']} steps, MaxVio_global fell from its first evaluation to its last for every seed at "
             f"gamma {', '.join(f'{r:g}' for r in falling) or '(none)'}; the lowest final MaxVio is at gamma "
-            f"{best:g} ({rows[best]['maxvio']['median']:.2f}, range {rows[best]['maxvio']['min']:.2f}-"
-            f"{rows[best]['maxvio']['max']:.2f}) against {paper['maxvio']['median']:.2f} at the paper's "
-            f"{min(rows):g}, with final validation loss {rows[best]['loss']['median']:.3f} vs "
-            f"{paper['loss']['median']:.3f} nats/byte. Mean and min-max over {len(next(iter(rows.values()))['loss']['values'])} seeds.")
+            f"{best:g} ({rows[best]['maxvio']['mean']:.2f}, range {rows[best]['maxvio']['min']:.2f}-"
+            f"{rows[best]['maxvio']['max']:.2f}) against {paper['maxvio']['mean']:.2f} at the paper's "
+            f"{min(rows):g}, with final validation loss {rows[best]['loss']['mean']:.3f} vs "
+            f"{paper['loss']['mean']:.3f} nats/byte. Mean and min-max over {len(next(iter(rows.values()))['loss']['values'])} seeds.")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a seconds-long pass on a small corpus, 2 rates, 1 seed")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per rate (3; 1 with --quick)")
-    args = parser.parse_args()
+    args = reproduction_parser(__doc__).parse_args()
     b = budget(args.quick, args.steps)
-    seeds = range(args.seeds or (1 if args.quick else 3))
+    seeds = range(args.seeds)
     with tempfile.TemporaryDirectory() as tmp:
         results = {rate: [run(rate, b, seed, Path(tmp) / f"{rate:g}-{seed}") for seed in seeds]
                    for rate in (QUICK_RATES if args.quick else RATES)}
-    rows = {rate: {"first": spread([r["maxvio_first"] for r in rs]), "maxvio": spread([r["maxvio"] for r in rs]),
-                   "loss": spread([r["val_loss"] for r in rs])} for rate, rs in results.items()}
+    rows = {rate: {"first": runs_band(rs, "maxvio_first"), "maxvio": runs_band(rs, "maxvio"), "loss": runs_band(rs)}
+            for rate, rs in results.items()}
     columns = ["bias_update_rate", "MaxVio_global, first eval", "MaxVio_global, final", "final val loss"]
     table_rows = [[rate, r["first"], r["maxvio"], r["loss"]] for rate, r in rows.items()]
-    print_table(columns, [[row[0]] + [f"{c['median']:.3f} ({c['min']:.3f}-{c['max']:.3f})" for c in row[1:]]
+    print_table(columns, [[row[0]] + [f"{c['mean']:.3f} ({c['min']:.3f}-{c['max']:.3f})" for c in row[1:]]
                           for row in table_rows])
     name = "bench_bias_update_rate" + ("_quick" if args.quick else "")
     png = plot_path(name)

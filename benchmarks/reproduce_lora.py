@@ -12,12 +12,11 @@ of parameters trained, training throughput (tokens/s of the same training step; 
 and memory: CUDA's peak allocation of a training step on a GPU, else the bytes of parameters, gradients and
 optimizer state measured from the tensors (NF4 weights at their packed size). LoRA's step is also timed against
 ``peft``'s LoRA (``get_peft_model`` with a ``LoraConfig`` on zoo's ``nn.Linear`` names, applied to the same
-``ZooModel``). Run from the repository root: ``python -m benchmarks.reproduce_lora [--quick]``.
+``ZooModel``). Run from the repository root: ``python -m benchmarks.reproduce_lora [--quick] [--seeds N]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks._common import alternate, bar_plot, print_table, save, summary, table
-from benchmarks._train import budget, train_preset
+from benchmarks._train import budget, reproduction_parser, train_preset
 from zoo.adapters import adapter_state_dict, fold_reparam
 
 LORA = {"type": "lora", "r": 8, "alpha": 16}
@@ -205,10 +204,8 @@ def reading(losses: dict, fractions: dict, speed: dict, saved: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a seconds-long pass on a few modules, one seed")
-    args = parser.parse_args()
-    seeds = [0] if args.quick else [0, 1, 2]
+    args = reproduction_parser(__doc__, steps=False).parse_args()
+    seeds = list(range(args.seeds))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -227,10 +227,14 @@ class ZooTrainerCallback(TrainerCallback):
     trainer does, so the loss-free router bias moves by ``gamma * sign(mean load - load)`` (Wang et al. 2024,
     Algorithm 1), from the loads summed over the data-parallel ranks."""
 
-    def on_optimizer_step(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
-        for module in model.modules() if model is not None else ():
-            if callable(getattr(module, "on_optimizer_step", None)):
-                module.on_optimizer_step(all_reduce_sum)
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs) -> None:
+        # The modules with the hook (state counted in forward, e.g. MoE loads), found once per training run.
+        self._stepping = [m for m in (model.modules() if model is not None else ())
+                          if callable(getattr(m, "on_optimizer_step", None))]
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        for module in self._stepping:
+            module.on_optimizer_step(all_reduce_sum)
 
 
 def _default_positions(input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
