@@ -1,8 +1,9 @@
 """Self-speculative decoding with multi-token prediction (DeepSeek-V3 §2.2, §5.4.3) vs plain greedy decoding.
 
 Trains ``mtp-tiny`` (dense-tiny + one MTP module, loss weight 0.3) and its twin without MTP through
-``zoo.train.run.train`` on ``python-stdlib`` (bytes tokenizer), same seed, steps and batches; checkpoints
-are cached under ``benchmarks/.cache/`` so that reruns skip training. Then, at batch 1 under
+``zoo.train.run.train`` on ``python-stdlib`` (bytes tokenizer), same seed, steps and batches, once per seed
+(``--seeds``, default 3); checkpoints are cached under ``benchmarks/.cache/`` so that reruns skip training.
+Then, for each seed's pair, at batch 1 under
 ``torch.inference_mode`` (float32, or ``--dtype bfloat16``): tokens/s of plain greedy ``generate`` vs
 ``generate(..., speculative="mtp")`` (medians over alternating repeats, continuing validation-text prompts;
 ``--clock cpu`` counts this process's CPU time, which leaves out the time other jobs held the cores and is
@@ -10,17 +11,20 @@ meaningful with ``--threads 1``, the default), the acceptance rate of the drafts
 emitted the same tokens, the teacher-forced agreement on validation text (how often depth 1's argmax at
 position i equals the main head's argmax at i+1: the acceptance rate decoding would see on real text rather
 than on its own greedy continuations, which repeat themselves), and the main head's validation loss with and
-without MTP at equal steps (``val/loss`` is the main head's cross-entropy only). Writes
+without MTP at equal steps (``val/loss`` is the main head's cross-entropy only). Every figure is reported
+as its seed band (mean, min-max over seeds). Writes
 ``benchmarks/results/bench_speculative[_quick].json`` and a PNG of the two validation curves.
 
 DeepSeek-V3 reports 85-90% acceptance of the second token and 1.8x tokens/s; the goal here is 1.5x.
+Full setting (3 seeds, 200 steps of 16 x 256 bytes per model): 18.7 minutes on the idle 2-core Xeon without
+AMX (float32), 17.9 of them training the 6 models; ``--quick`` (one seed): seconds.
 
-Run from the repository root: ``python -m benchmarks.bench_speculative [--quick] [--retrain] [--clock cpu]``.
+Run from the repository root:
+``python -m benchmarks.bench_speculative [--quick] [--seeds N] [--retrain] [--clock cpu] [--dtype bfloat16]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -31,7 +35,8 @@ import torch
 
 import zoo
 from benchmarks._common import alternate, plot_path, print_table, save, summary, table
-from benchmarks._train import order, verdict
+from benchmarks._train import (BAND_LABEL, band, curve_band, order, plot_band, reproduction_parser,
+                               verdict)
 from zoo.blocks.auxiliary import AuxCollector
 from zoo.train.data import ZooDataModule
 from zoo.train.run import train
@@ -84,29 +89,13 @@ def agreement(model, config, windows: int, length: int) -> float:
     return (draft == main[:, 1:]).double().mean().item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny shape and few steps (seconds)")
-    parser.add_argument("--retrain", action="store_true", help="ignore cached checkpoints")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for decoding (default 1)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: this process's CPU time (time.process_time); meaningful with --threads 1")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    args = parser.parse_args()
+def decode(seed: int, mtp_dir: Path, run_config, args) -> dict:
+    """One seed's decoding measurement: plain greedy vs MTP-speculative ``generate`` at batch 1, alternating
+    repeats, with the drafts' acceptance, tokens per main-model pass and whether the outputs are identical."""
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    shape = QUICK if args.quick else FULL
     n_prompts, prompt_len, new_tokens = (2, 16, 32) if args.quick else (4, 64, 128)
-    repeats = args.repeats or (2 if args.quick else 5)
-    tag = "quick" if args.quick else "full"
-
-    mtp_dir, mtp_curve = trained(f"{tag}-mtp", {**COMMON, **shape}, args.retrain)
-    plain_dir, plain_curve = trained(f"{tag}-plain", {**COMMON, **shape, "model.mtp": None}, args.retrain)
     model = zoo.from_pretrained(mtp_dir, dtype=getattr(torch, args.dtype)).eval()
-    run_config = zoo.load_config("mtp-tiny", {**COMMON, **shape})
     inputs = prompts(run_config, n_prompts, prompt_len)
-    torch.set_num_threads(args.threads)
-
     outputs, stats = {}, {"drafted": 0, "accepted": 0, "forward_passes": 0, "rollback_passes": 0, "tokens": 0}
 
     def run(speculative: str | None):
@@ -129,100 +118,159 @@ def main() -> None:
         fn()  # warm-up
     for key in stats:
         stats[key] = 0
-    times = alternate(runs, repeats)
+    times = alternate(runs, args.repeats)
     plain, spec = summary(times["plain"]), summary(times["mtp"])
-    identical = all(torch.equal(outputs[None, i], outputs["mtp", i]) for i in range(n_prompts))
-    acceptance = stats["accepted"] / stats["drafted"]
-    teacher_forced = agreement(model, run_config, 8, 256 if not args.quick else 64)
-    steps = sorted(set(mtp_curve) & set(plain_curve))
-    last = steps[-1]
-    payload = {
-        "mode": tag, "preset": "mtp-tiny", "overrides": {**COMMON, **shape},
-        "decode": {"batch": 1, "dtype": args.dtype, "threads": args.threads, "clock": args.clock,
-                   "prompts": n_prompts, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "repeats": repeats},
-        "plain_tokens_per_sec": plain, "speculative_tokens_per_sec": spec,
-        "speedup": spec["median"] / plain["median"], "acceptance_rate": acceptance,
-        "teacher_forced_acceptance_on_val_text": teacher_forced,
-        "tokens_per_main_pass": stats["tokens"] / stats["forward_passes"],
-        "rollback_passes": stats["rollback_passes"], "identical_output": identical,
-        "val_loss_main_head": {"steps": last, "with_mtp": mtp_curve[last], "without_mtp": plain_curve[last]},
-        "val_curves": {"steps": steps, "with_mtp": [mtp_curve[s] for s in steps],
-                       "without_mtp": [plain_curve[s] for s in steps]},
-        "parameters": {"main": model.num_parameters() - sum(p.numel() for p in model.mtp.parameters()),
-                       "mtp": sum(p.numel() for p in model.mtp.parameters())},
-    }
-    print_table(["decoder", "tokens/s (median)", "min", "max"],
-                [["plain greedy", plain["median"], plain["min"], plain["max"]],
-                 ["MTP speculative", spec["median"], spec["min"], spec["max"]]])
-    print(f"\nspeedup {payload['speedup']:.2f}x, acceptance {acceptance:.1%}, "
-          f"{payload['tokens_per_main_pass']:.2f} tokens per main-model pass, identical output: {identical}; "
-          f"teacher-forced acceptance on validation text {teacher_forced:.1%}")
-    print_table(["main-head val loss", f"step {last}"],
-                [["with MTP", mtp_curve[last]], ["without MTP", plain_curve[last]]])
+    return {"seed": seed, "plain_tokens_per_sec": plain, "speculative_tokens_per_sec": spec,
+            "speedup": spec["median"] / plain["median"], "acceptance_rate": stats["accepted"] / stats["drafted"],
+            "teacher_forced_acceptance_on_val_text": agreement(model, run_config, 8, 64 if args.quick else 256),
+            "tokens_per_main_pass": stats["tokens"] / stats["forward_passes"],
+            "rollback_passes": stats["rollback_passes"],
+            "identical_output": all(torch.equal(outputs[None, i], outputs["mtp", i]) for i in range(n_prompts)),
+            "decode": {"prompts": n_prompts, "prompt_tokens": prompt_len, "new_tokens": new_tokens},
+            "parameters": {"main": model.num_parameters() - sum(p.numel() for p in model.mtp.parameters()),
+                           "mtp": sum(p.numel() for p in model.mtp.parameters())}}
+
+
+def main() -> None:
+    parser = reproduction_parser(__doc__, steps=False)
+    parser.add_argument("--retrain", action="store_true", help="ignore cached checkpoints")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for decoding (default 1)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: this process's CPU time (time.process_time); meaningful with --threads 1")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args()
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    shape, tag = (QUICK, "quick") if args.quick else (FULL, "full")
+    trained_runs = []
+    for seed in range(args.seeds):  # train every pair first, at the training's own thread count
+        overrides = {**COMMON, **shape, "train.seed": seed}
+        mtp_dir, mtp_curve = trained(f"{tag}-seed{seed}-mtp", overrides, args.retrain)
+        _, plain_curve = trained(f"{tag}-seed{seed}-plain", {**overrides, "model.mtp": None}, args.retrain)
+        trained_runs.append((seed, overrides, mtp_dir, mtp_curve, plain_curve))
+    torch.set_num_threads(args.threads)
+    per_seed = []
+    for seed, overrides, mtp_dir, mtp_curve, plain_curve in trained_runs:
+        result = decode(seed, mtp_dir, zoo.load_config("mtp-tiny", overrides), args)
+        steps = sorted(set(mtp_curve) & set(plain_curve))
+        result["val_curves"] = {"steps": steps, "with_mtp": [mtp_curve[s] for s in steps],
+                                "without_mtp": [plain_curve[s] for s in steps]}
+        per_seed.append(result)
+        print(f"seed {seed}: speedup {result['speedup']:.2f}x, acceptance {result['acceptance_rate']:.1%}, "
+              f"identical output: {result['identical_output']}", flush=True)
+    payload = aggregate(per_seed)
+    payload.update(mode=tag, preset="mtp-tiny", overrides={**COMMON, **shape}, seeds=args.seeds,
+                   decode={"batch": 1, "dtype": args.dtype, "threads": args.threads, "clock": args.clock,
+                           "repeats": args.repeats, **per_seed[0]["decode"]},
+                   parameters=per_seed[0]["parameters"], per_seed=per_seed)
+    payload.update(report(payload))
+    print_table(payload["table"]["columns"], payload["table"]["rows"])
+    print_table(payload["tables"][0]["columns"], payload["tables"][0]["rows"])
+    print(f"\n{payload['reading']}\nverdict: {payload['verdict']['status']}: {payload['verdict']['reason']}")
     name = "bench_speculative" + ("_quick" if args.quick else "")
-    png = plot(steps, payload["val_curves"], plot_path(name))  # the same curves for either dtype
-    payload.update(report(payload), quick=args.quick, plots=[png.name])
+    png = plot(payload["val_curves"], plot_path(name))  # the same curves for either dtype
+    payload.update(quick=args.quick, plots=[png.name])
     name += "" if args.dtype == "float32" else f"_{args.dtype}"
     print(f"\nwrote {save(name, payload)} and {png}")
 
 
+def aggregate(per_seed: list[dict]) -> dict:
+    """The seed bands (mean, min-max over seeds) of every per-seed figure; a tokens/s band is over the seeds'
+    medians."""
+    def over(key):
+        return band([r[key]["median"] if isinstance(r[key], dict) else r[key] for r in per_seed])
+
+    last = per_seed[0]["val_curves"]["steps"][-1]
+    curves = {k: curve_band([list(zip(r["val_curves"]["steps"], r["val_curves"][k])) for r in per_seed])
+              for k in ("with_mtp", "without_mtp")}
+    return {"plain_tokens_per_sec": over("plain_tokens_per_sec"),
+            "speculative_tokens_per_sec": over("speculative_tokens_per_sec"), "speedup": over("speedup"),
+            "acceptance_rate": over("acceptance_rate"),
+            "teacher_forced_acceptance_on_val_text": over("teacher_forced_acceptance_on_val_text"),
+            "tokens_per_main_pass": over("tokens_per_main_pass"),
+            "identical_output": all(r["identical_output"] for r in per_seed),
+            "val_loss_main_head": {"steps": last, **{k: band([r["val_curves"][k][-1] for r in per_seed])
+                                                     for k in ("with_mtp", "without_mtp")}},
+            "val_curves": curves}
+
+
 def report(payload: dict) -> dict:
-    """The ``table`` and ``reading`` entries of the results payload (``benchmarks/_common.py``), composed from
-    the measured figures: DeepSeek-V3 §5.4.3 reports 85-90% acceptance and 1.8x tokens/s; Gloeckle et al. 2024
-    (§3.1) found MTP hurts the main head of small models."""
-    plain, spec, loss = payload["plain_tokens_per_sec"], payload["speculative_tokens_per_sec"], payload["val_loss_main_head"]
-    rows = [["plain greedy", plain, 1.0, None, None],
+    """The ``table``, ``tables``, ``reading`` and ``verdict`` entries of the results payload
+    (``benchmarks/_common.py``), composed from the measured figures: DeepSeek-V3 §5.4.3 reports 85-90%
+    acceptance and 1.8x tokens/s; Gloeckle et al. 2024 (§3.1) found MTP hurts the main head of small models."""
+    plain, spec = payload["plain_tokens_per_sec"], payload["speculative_tokens_per_sec"]
+    loss = payload["val_loss_main_head"]
+    rows = [["plain greedy", plain, None, None, None],
             ["MTP speculative", spec, payload["speedup"], payload["acceptance_rate"], payload["tokens_per_main_pass"]]]
-    delta = loss["with_mtp"] - loss["without_mtp"]
+    delta = loss["with_mtp"]["mean"] - loss["without_mtp"]["mean"]
+    paired = [r["val_curves"]["with_mtp"][-1] - r["val_curves"]["without_mtp"][-1] for r in payload["per_seed"]]
+    sign = "lower in every seed" if max(paired) < 0 else "higher in every seed" if min(paired) > 0 else "of mixed sign"
+    effect = {"below": "helped the main head beyond the seed spread",
+              "above": "hurt the main head beyond the seed spread",
+              "overlap": "left the main head's loss within the seed spread"}[
+                  order(loss["with_mtp"], loss["without_mtp"])]
     reading = (
-        f"At batch 1 ({payload['decode']['dtype']}), MTP-drafted speculative greedy decoding ran at "
-        f"{payload['speedup']:.2f}x plain greedy decoding (goal 1.5x; DeepSeek-V3 reports 1.8x), accepting "
-        f"{payload['acceptance_rate']:.1%} of its drafts on its own continuations and "
-        f"{payload['teacher_forced_acceptance_on_val_text']:.1%} teacher-forced on validation text, "
-        f"{payload['tokens_per_main_pass']:.2f} tokens per main-model pass; the output was "
-        f"{'identical to' if payload['identical_output'] else 'DIFFERENT from'} plain greedy decoding. "
-        f"At step {loss['steps']} the main head's validation loss was {loss['with_mtp']:.3f} with MTP and "
-        f"{loss['without_mtp']:.3f} without ({delta:+.3f} nats/token): MTP "
-        f"{'helped' if delta < 0 else 'hurt'} the main head here (one seed; Gloeckle et al. found it hurts small "
-        f"models).")
+        f"Over {payload['seeds']} seeds at batch 1 ({payload['decode']['dtype']}), MTP-drafted speculative greedy "
+        f"decoding ran at {payload['speedup']['mean']:.2f}x ({payload['speedup']['min']:.2f}-"
+        f"{payload['speedup']['max']:.2f}) plain greedy decoding (goal 1.5x; DeepSeek-V3 reports 1.8x), accepting "
+        f"{payload['acceptance_rate']['mean']:.1%} of its drafts on its own continuations and "
+        f"{payload['teacher_forced_acceptance_on_val_text']['mean']:.1%} teacher-forced on validation text, "
+        f"{payload['tokens_per_main_pass']['mean']:.2f} tokens per main-model pass; the output was "
+        f"{'identical to' if payload['identical_output'] else 'DIFFERENT from'} plain greedy decoding for every seed. "
+        f"At step {loss['steps']} the main head's validation loss was {loss['with_mtp']['mean']:.3f} with MTP and "
+        f"{loss['without_mtp']['mean']:.3f} without ({delta:+.3f} nats/token, seed means): MTP {effect} here; "
+        f"paired by seed (the same initial main weights and batches) the difference was "
+        f"{', '.join(f'{d:+.3f}' for d in paired)}, {sign} "
+        f"(Gloeckle et al. found MTP hurts small models).")
     curves = payload["val_curves"]
-    loss_rows = [[step, with_mtp, without, with_mtp - without]
-                 for step, with_mtp, without in zip(curves["steps"], curves["with_mtp"], curves["without_mtp"])]
-    return {"table": table("mtp-tiny, MTP depth 1: plain vs self-speculative greedy decoding, batch 1",
+    loss_rows = [[step, band_cell(curves["with_mtp"], i), band_cell(curves["without_mtp"], i),
+                  curves["with_mtp"]["mean"][i] - curves["without_mtp"]["mean"][i]]
+                 for i, step in enumerate(curves["with_mtp"]["steps"])]
+    return {"table": table(f"mtp-tiny, MTP depth 1: plain vs self-speculative greedy decoding, batch 1; "
+                           f"{BAND_LABEL}, {payload['seeds']} seeds (tokens/s: the seeds' medians)",
                            ["decoder", "tokens/s", "x vs plain", "acceptance", "tokens per main pass"], rows),
-            "tables": [table("MTP on vs off: main-head validation loss (nats/token), same initial weights and batches",
-                             ["step", "with MTP", "without MTP (peer)", "difference"], loss_rows)],
+            "tables": [table(f"MTP on vs off: main-head validation loss (nats/token), same initial weights and "
+                             f"batches per seed; {BAND_LABEL}",
+                             ["step", "with MTP", "without MTP (peer)", "difference of means"], loss_rows)],
             "reading": reading, "verdict": judge(payload)}
 
 
+def band_cell(cb: dict, i: int) -> dict:
+    """Point ``i`` of a :func:`curve_band` as a table cell (mean with min-max)."""
+    return {"mean": cb["mean"][i], "min": cb["min"][i], "max": cb["max"][i]}
+
+
 def judge(payload: dict) -> dict:
-    """The verdict on the decoding claim: speculative tokens/s above plain's beyond the repeats' min-max spread,
-    with identical output (one training seed: the speed-up is a decoding measurement, repeated, not a loss)."""
-    plain, spec = payload["plain_tokens_per_sec"], payload["speculative_tokens_per_sec"]
-    figures = (f"{payload['speedup']:.2f}x plain greedy decoding (DeepSeek-V3: 1.8x), {payload['acceptance_rate']:.0%} "
-               f"of drafts accepted, medians of {payload['decode']['repeats']} alternating repeats")
+    """The verdict on the decoding claim: for every seed's model, speculative tokens/s above plain's beyond the
+    repeats' min-max spread, with identical output."""
+    speedup = payload["speedup"]
+    figures = (f"{speedup['mean']:.2f}x ({speedup['min']:.2f}-{speedup['max']:.2f}) plain greedy decoding "
+               f"(DeepSeek-V3: 1.8x), {payload['acceptance_rate']['mean']:.0%} of drafts accepted, "
+               f"{payload['seeds']} seeds x {payload['decode']['repeats']} alternating repeats")
     if not payload["identical_output"]:
         return verdict("not reproduced", f"Speculative decoding changed the greedy output: {figures}.")
-    where = order(spec, plain)
-    if where == "above":
-        return verdict("reproduced", f"MTP self-speculative decoding is faster beyond the repeats' spread: {figures}.")
-    if where == "below":
-        return verdict("not reproduced", f"MTP self-speculative decoding is slower beyond the spread: {figures}.")
-    return verdict("inconclusive", f"The tokens/s ranges of the two decoders overlap: {figures}.")
+    where = {order(r["speculative_tokens_per_sec"], r["plain_tokens_per_sec"]) for r in payload["per_seed"]}
+    if where == {"above"}:
+        return verdict("reproduced", f"MTP self-speculative decoding is faster beyond the repeats' spread for every "
+                                     f"seed: {figures}.")
+    if where == {"below"}:
+        return verdict("not reproduced", f"MTP self-speculative decoding is slower beyond the spread for every "
+                                         f"seed: {figures}.")
+    return verdict("inconclusive", f"The tokens/s ranges of the two decoders overlap for at least one seed: {figures}.")
 
 
-def plot(steps: list[int], curves: dict, path: Path) -> Path:
+def plot(curves: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, curves["with_mtp"], marker="o", label="mtp-tiny (MTP depth 1, lambda 0.3)")
-    ax.plot(steps, curves["without_mtp"], marker="s", label="same model without MTP")
+    plot_band(ax, curves["with_mtp"], "mtp-tiny (MTP depth 1, lambda 0.3)", marker="o")
+    plot_band(ax, curves["without_mtp"], "same model without MTP", marker="s")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("main-head validation loss (nats/token)")
-    ax.set_title("python-stdlib, bytes tokenizer")
+    ax.set_title("python-stdlib, bytes tokenizer (band: min–max over seeds)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -11,11 +11,9 @@ validation loss and MaxVio_global as seed bands, plots MaxVio over steps with th
 reproduced when loss-free's MaxVio band lies below the 1e-3 auxiliary loss's with a validation-loss band not
 above it.
 
-Full setting: 300 steps of 8 x 128 bytes, 3 variants x 3 seeds = 9 runs. Estimated wall time on the quiet
-2-core machine of ``benchmarks/results``: ~7 minutes (0.15 s per ``deepseek-moe-tiny`` step including
-validation, from the 92 s its earlier two-run version took there). Measured on the 2-core Xeon without AMX, which
-trains in float32: 27.7 minutes on a loaded machine, 2,405 CPU-seconds (over the 20-minute budget there);
-``--quick`` (one seed): seconds.
+Full setting: 300 steps of 8 x 128 bytes, 3 variants x 3 seeds = 9 runs. Measured on the idle 2-core Xeon
+without AMX, which trains in float32: 14.3 minutes (1,683 CPU-seconds; an earlier run on a loaded machine took
+27.7 and gave the same figures, the runs being deterministic); ``--quick`` (one seed): seconds.
 Run from the repository root: ``python -m benchmarks.reproduce_balancing [--quick] [--steps N] [--seeds N]``.
 """
 

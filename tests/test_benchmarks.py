@@ -11,7 +11,8 @@ import pytest
 from benchmarks._common import table
 from benchmarks._render import render
 from benchmarks._train import VERDICTS, band, curve_band, order, steps_to_reach, value_at, verdict
-from benchmarks.reproduce_scaling import fit_power_law, predict
+from benchmarks.reproduce_scaling import batch_and_steps, fit_power_law, predict
+from benchmarks.reproduce_switch_vs_dense import crossing
 from benchmarks.run_all import discover
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,3 +108,21 @@ def test_steps_to_reach_interpolates():
     assert steps_to_reach(curve, 2.5) == pytest.approx(15.0)
     assert steps_to_reach(curve, 3.5) == 10.0
     assert steps_to_reach(curve, 1.0) is None
+
+
+def test_scaling_batch_keeps_the_token_budget_and_the_steps():
+    for n in (13_456, 27_864, 50_464, 111_024, 184_896):  # d_model 16-64 at 32 tokens per parameter
+        rows, steps = batch_and_steps(32 * n, 128, 500)
+        assert abs(steps - 500) <= 500 / rows / 2 + 1 and steps * rows * 128 == pytest.approx(32 * n, rel=0.04)
+    assert batch_and_steps(10, 32, 2) == (1, 1)  # fewer tokens than one row: one step, never zero
+
+
+def test_switch_crossing_is_measured_or_extrapolated():
+    def results(gaps):
+        return {w: {"dense": {"val_loss": {"mean": 2.0}},
+                    "switch every other FFN": {"loss_at_dense_compute": {"mean": 2.0 + g}}} for w, g in gaps.items()}
+
+    assert "near d_model 91" in crossing(results({64: 0.02, 128: -0.02}))  # sign change: log-linear root
+    shrinking = crossing(results({64: 0.04, 128: 0.02}))
+    assert "no crossing is measured" in shrinking and "close near d_model 256" in shrinking
+    assert "close near" not in crossing(results({64: 0.02, 128: 0.04}))  # a growing gap is not extrapolated
