@@ -114,6 +114,13 @@ def peer_training_stepper(model, ids: torch.Tensor, steps: int, bf16: bool = Tru
     return training_stepper(model, ids, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True), steps, bf16)
 
 
+def cpu_precision() -> str:
+    """What ``train.precision: auto`` trains with on this CPU: ``bf16-mixed`` or ``32-true``."""
+    from zoo.train.precision import resolve_precision  # here, not at the top: bench_import times zoo's import
+
+    return resolve_precision("auto", "cpu")[0]
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 

@@ -37,12 +37,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
 
 import zoo
-from benchmarks._common import alternate
+from benchmarks._common import alternate, cpu_precision
 from zoo.train.config import OptimizerConfig, ParallelConfig
 from zoo.train.metrics import all_reduce_sum
 from zoo.train.module import make_optimizer
 from zoo.train.parallel import DP, EP, parallelize
-from zoo.train.precision import resolve_precision
 
 PRESET = "deepseek-moe-tiny"
 WORLD = 2
@@ -61,7 +60,7 @@ def _stepper(model, ids, steps: int, after_backward=lambda: None):
     optimizer = make_optimizer(model.module if isinstance(model, DistributedDataParallel) else model,
                                OptimizerConfig())
     stepping = [m for m in model.modules() if callable(getattr(m, "on_optimizer_step", None))]
-    bf16 = resolve_precision("auto", "cpu")[0] == "bf16-mixed"
+    bf16 = cpu_precision() == "bf16-mixed"
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)

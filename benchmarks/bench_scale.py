@@ -41,14 +41,14 @@ import torch
 
 import zoo
 from benchmarks._expert_parallel import run_layouts, shape as ep_shape
-from benchmarks._common import alternate, bar_plot, print_table, save, scaled, summary, table, training_stepper
+from benchmarks._common import (alternate, bar_plot, cpu_precision, print_table, save, scaled, summary, table,
+                               training_stepper)
 from benchmarks._memory import step_memory
 from zoo.blocks.experts import CPU_ROW_ALIGN
 from zoo.train.block_wrappers import wrap_blocks
 from zoo.train.config import OptimizerConfig
 from zoo.train.module import make_optimizer
 from zoo.train.plan import plan_memory
-from zoo.train.precision import resolve_precision
 
 VARIANTS = {"eager": ("none", False), "compile": ("none", True), "checkpointed": ("full", False)}
 CPU_PRESETS = ("dense-tiny", "deepseek-moe-tiny")
@@ -58,11 +58,6 @@ QUICK_CPU_PRESETS = ("dense-tiny",)  # its compile is the cheapest (MoE blocks r
 def compile_backend(quick: bool) -> str:
     """The ``torch.compile`` backend of the compiled variant: Inductor, or ``aot_eager`` for ``--quick``."""
     return "aot_eager" if quick else "inductor"
-
-
-def cpu_precision() -> str:
-    """What ``train.precision: auto`` trains with on this CPU: ``bf16-mixed`` or ``32-true``."""
-    return resolve_precision("auto", "cpu")[0]
 
 
 def cpu_shape(quick: bool) -> dict:
